@@ -1,0 +1,186 @@
+"""The `tunelab` command: one sub-command per verb, each a thin call into a stage.
+
+User mistakes (TunelabError) print one line, `error: ...`, and exit with status 2. Only bugs show a
+traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tunelab.errors import TunelabError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Fine-tune language models, offline-first.")
+out = Console()
+err = Console(stderr=True)
+
+
+def _quiet_libraries() -> None:
+    from tunelab.models.loading import quiet_transformers
+
+    quiet_transformers()
+
+
+@app.command()
+def train(
+    config: Optional[Path] = typer.Argument(None, help="Run config YAML (not needed with --resume)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="Dotted overrides, e.g. train.lr=1e-4"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run directory from its latest checkpoint."),
+):
+    """Train a model from a config; prints test metrics and the run directory."""
+    from tunelab.config import load_config
+    from tunelab.train.run import resume_config, run_training
+
+    if resume is None and config is None:
+        raise TunelabError("give a config file, or --resume RUN_DIR")
+    if resume is not None and config is not None and config.suffix not in (".yaml", ".yml"):
+        overrides = [str(config)] + list(overrides or [])  # `--resume DIR a.b=c`: the override came first
+        config = None
+    cfg = resume_config(str(resume), overrides or []) if resume else load_config(config, overrides or [])
+    run, metrics = run_training(cfg, str(resume) if resume else None, err)
+    _print_metrics(metrics, run.labels())
+    out.print(f"run directory: {run.path}")
+
+
+def _print_metrics(metrics: dict, labels: list[str]) -> None:
+    from tunelab.evaluate.metrics import format_confusion
+
+    table = Table(title="results", show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for section in ("eval", "eval_untuned", "train"):
+        for key, value in metrics.get(section, {}).items():
+            if isinstance(value, (dict, list)) or value is None:
+                continue
+            table.add_row(f"{section}.{key}", f"{value:.4f}" if isinstance(value, float) else str(value))
+    out.print(table)
+    cm = metrics.get("eval", {}).get("confusion_matrix")
+    if cm and labels:
+        out.print("confusion matrix (test):\n" + format_confusion(cm, labels))
+    for sample in metrics.get("samples", []):
+        end = "[EOS]" if sample["stopped_at_eos"] else "[cut at max_new_tokens]"
+        out.print(f"[bold]sample[/] {sample['completion'][:300]!r} {end}")
+
+
+@app.command("eval")
+def eval_cmd(
+    run_dir: Path = typer.Argument(..., help="A finished run directory."),
+    data: Path = typer.Option(..., "--data", help="Labelled file in the run's task format."),
+):
+    """Evaluate a trained run on another labelled file."""
+    from tunelab.inference.trained import TrainedModel
+
+    _quiet_libraries()
+    model = TrainedModel(run_dir)
+    metrics = model.evaluate_file(str(data))
+    _print_metrics({"eval": metrics}, model.labels)
+    out.print_json(json.dumps({k: v for k, v in metrics.items() if k != "per_class"}))
+
+
+def _inputs(single: Optional[str], file: Optional[Path], what: str) -> list[str]:
+    if (single is None) == (file is None):
+        raise TunelabError(f"give one {what} as an argument, or --file FILE (not both)")
+    if single is not None:
+        return [single]
+    if file.suffix.lower() in (".jsonl", ".csv", ".parquet"):
+        from tunelab.data.sources import read_records
+
+        field = "text" if what == "text" else "prompt"
+        texts = []
+        for rec in read_records(str(file)):
+            value = rec.fields.get(field, rec.fields.get("instruction"))
+            if not isinstance(value, str) or not value.strip():
+                raise TunelabError(f"{rec.where}: needs a non-empty '{field}' field")
+            texts.append(value)
+        return texts
+    if not file.is_file():
+        raise TunelabError(f"{file}: file not found")
+    lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise TunelabError(f"{file}: file is empty")
+    return lines
+
+
+def _write_jsonl(rows: list[dict], output: Optional[Path]) -> None:
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    if output is None:
+        sys.stdout.write(text)
+        return
+    tmp = output.with_name(f".{output.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, output)
+    err.print(f"wrote {len(rows)} rows to {output}")
+
+
+@app.command()
+def predict(
+    run_dir: Path = typer.Argument(..., help="A finished classification run."),
+    text: Optional[str] = typer.Argument(None, help="Text to classify."),
+    file: Optional[Path] = typer.Option(None, "--file", help="One text per line (.txt), or .jsonl/.csv with 'text'."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Write JSONL here instead of stdout."),
+):
+    """Classify text with a trained run; prints one JSON line per input."""
+    from tunelab.inference.trained import TrainedModel
+
+    texts = _inputs(text, file, "text")
+    _quiet_libraries()
+    _write_jsonl(TrainedModel(run_dir).predict(texts), output)
+
+
+@app.command()
+def generate(
+    run_dir: Path = typer.Argument(..., help="A finished causal_lm or instruction run."),
+    prompt: Optional[str] = typer.Argument(None, help="Instruction (instruction runs) or text to continue."),
+    file: Optional[Path] = typer.Option(None, "--file", help="One prompt per line (.txt), or .jsonl/.csv with 'prompt'."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1),
+    output: Optional[Path] = typer.Option(None, "--output", help="Write JSONL here instead of stdout."),
+):
+    """Generate text with a trained run (greedy); prints one JSON line per prompt."""
+    from tunelab.inference.trained import TrainedModel
+
+    prompts = _inputs(prompt, file, "prompt")
+    _quiet_libraries()
+    _write_jsonl(TrainedModel(run_dir).generate(prompts, max_new_tokens), output)
+
+
+@app.command()
+def models():
+    """List the bundled models (they work offline)."""
+    from tunelab.models.registry import BUNDLED
+
+    table = Table(show_header=True)
+    for col in ("name", "kind", "parameters", "size", "licence", "description"):
+        table.add_column(col)
+    for m in BUNDLED.values():
+        table.add_row(m.name, m.architecture, m.params, m.size, m.licence, m.description)
+    out.print(table)
+    out.print("Also accepted: a local Hugging Face model folder, or a hub id when online.")
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app(standalone_mode=False)
+    except TunelabError as e:
+        err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except Exception as e:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise

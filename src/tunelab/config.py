@@ -1,0 +1,239 @@
+"""The typed schema of a run, loaded from YAML with dotted command-line overrides.
+
+Every section forbids unknown keys, so a typo (`train.lrr`) stops the run before any work starts, with
+one line naming the key and the keys that are valid there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tunelab.errors import ConfigError
+
+Task = Literal["classification", "causal_lm", "instruction"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = Field(description="Bundled short name (see `tunelab models`), a local HF folder, or a hub id.")
+    pooling: Literal["auto", "mean", "last", "cls"] = Field(
+        "auto",
+        description="Classification only: how token states become one vector. auto = mean for encoders, "
+        "last (non-pad) token for decoders.",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward: less activation memory, slower steps."
+    )
+    dropout: float | None = Field(
+        None, ge=0, lt=1,
+        description="Set every dropout of the backbone and head; null = the model's own. 0 is much faster on CPU: "
+        "attention dropout forces SDPA off its fused kernel.",
+    )
+    trust_remote_code: bool = Field(False, description="Run Python code shipped with a hub model. Off for safety.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
+
+
+class DataConfig(_Section):
+    train: str = Field(description="Training file (.jsonl, .csv, .parquet) or 'hub:NAME' when online.")
+    test: str | None = Field(None, description="Held-out file for the final evaluation.")
+    validation: str | None = Field(None, description="File for periodic evaluation during training.")
+    validation_split: float = Field(
+        0.0, ge=0.0, lt=0.5, description="Fraction of train held out (stratified) when no validation file is given."
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Map tunelab field -> your column, e.g. {text: review, label: sentiment}.",
+    )
+    max_length: int = Field(256, ge=8, description="Tokens per example after truncation.")
+    truncation: Literal["head", "head_tail"] = Field(
+        "head",
+        description="Classification: keep the first max_length tokens (head), or the first quarter and the last "
+        "three quarters (head_tail; reviews often state the verdict at the end).",
+    )
+    max_train_samples: int | None = Field(None, ge=1, description="Random (seeded) subset of train; null = all.")
+    max_eval_samples: int | None = Field(None, ge=1, description="Random (seeded) subset of test/validation.")
+    template: Literal["auto", "chat", "alpaca"] = Field(
+        "auto", description="Instruction prompt format: the model's chat template when it has one, else Alpaca."
+    )
+
+
+class FullMethod(_Section):
+    name: Literal["full"] = "full"
+
+
+class LoraMethod(_Section):
+    name: Literal["lora"] = "lora"
+    rank: int = Field(8, ge=1, description="Rank of the update B@A: higher = more capacity and memory.")
+    alpha: float = Field(16, gt=0, description="Scale of the update is alpha/rank.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt, or all-linear for every linear layer but the output."
+    )
+    use_dora: bool = Field(False, description="DoRA: learn magnitude and direction apart; slower per step.")
+
+
+MethodConfig = Annotated[Union[FullMethod, LoraMethod], Field(discriminator="name")]
+
+
+class TrainConfig(_Section):
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (fractions allowed).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps; overrides epochs.")
+    batch_size: int = Field(16, ge=1, description="Examples per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float | None = Field(None, gt=0, description="Peak learning rate; null = the method's default.")
+    weight_decay: float = Field(0.01, ge=0)
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Fraction of steps spent warming up.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null = off.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="auto = bf16 autocast where the hardware runs it natively (AMX/AVX512-BF16 CPUs, bf16 GPUs), "
+        "fp16 on older GPUs, else fp32.",
+    )
+    group_by_length: bool = Field(True, description="Batch similar lengths together: far less padding.")
+    seed: int = 42
+    log_every: int = Field(10, ge=1, description="Optimizer steps between metric lines.")
+    eval_every: int | None = Field(None, ge=1, description="Optimizer steps between validation passes.")
+    save_every: int | None = Field(None, ge=1, description="Optimizer steps between checkpoints (for --resume).")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk; older ones are deleted.")
+
+
+class EvalConfig(_Section):
+    batch_size: int = Field(64, ge=1)
+    num_samples: int = Field(3, ge=0, description="Instruction/LM runs: generations shown in the report.")
+    max_new_tokens: int = Field(96, ge=1)
+
+
+class OutputConfig(_Section):
+    dir: str = Field("runs", description="Parent folder of run directories.")
+    name: str | None = Field(None, description="Run directory name; null = <model>-<method>-<timestamp>.")
+
+
+class RunConfig(_Section):
+    task: Task
+    model: ModelConfig
+    data: DataConfig
+    method: MethodConfig = Field(default_factory=FullMethod)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> RunConfig:
+        if self.task != "classification" and self.model.pooling != "auto":
+            raise ValueError("model.pooling applies to classification only")
+        if self.data.validation and self.data.validation_split:
+            raise ValueError("set data.validation or data.validation_split, not both")
+        return self
+
+
+def method_names() -> list[str]:
+    return [m.model_fields["name"].default for m in MethodConfig.__origin__.__args__]  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-4` -> (['train', 'lr'], 0.0001). Values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.path=value (e.g. train.lr=1e-4)")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    # YAML 1.1 reads 1e-4 as a string; accept it as the number the user meant.
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{text}': '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def _method_class(name: str) -> type[BaseModel] | None:
+    return next((m for m in MethodConfig.__origin__.__args__ if m.model_fields["name"].default == name), None)  # type: ignore[attr-defined]
+
+
+def _section_for(loc: list[str]) -> type[BaseModel] | None:
+    """The config section a key path points into, e.g. ['method', 'lora'] -> LoraMethod."""
+    node: type[BaseModel] | None = RunConfig
+    for part in loc:
+        if node is RunConfig and part == "method":
+            node = None  # the next part is the method tag
+            continue
+        if node is None:
+            node = _method_class(part)
+            continue
+        field = node.model_fields.get(part)
+        node = field.annotation if field and isinstance(field.annotation, type) else None
+        if node is not None and not issubclass(node, BaseModel):
+            return None
+    return node
+
+
+def _one_line(err: ValidationError) -> str:
+    first = err.errors()[0]
+    raw_loc = [str(p) for p in first["loc"]]
+    # discriminated unions put the tag in the path (method.lora.rank): drop it for the user.
+    loc = [raw_loc[0]] + raw_loc[2:] if raw_loc[:1] == ["method"] and len(raw_loc) > 1 and _method_class(raw_loc[1]) else raw_loc
+    key = ".".join(loc) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        section = _section_for(raw_loc[:-1])
+        valid = ", ".join(sorted(section.model_fields)) if section else ""
+        return f"config key '{key}' is not known; valid keys here: {valid}"
+    if first["type"] == "union_tag_invalid":
+        return f"config key '{key}.name': unknown method {first['input'].get('name')!r}; choose one of: {', '.join(method_names())}"
+    if first["type"] == "missing":
+        return f"config key '{key}' is required"
+    return f"config key '{key}': {first['msg']} (got {first.get('input')!r})"
+
+
+def validate_config(raw: dict) -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (task, model, data, ...)")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return validate_config(raw)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

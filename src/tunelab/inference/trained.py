@@ -1,0 +1,92 @@
+"""Load a finished run and use it: evaluate on a file, predict labels, generate text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from tunelab.config import load_config
+from tunelab.data.examples import load_examples
+from tunelab.data.templates import choose_template, render_prompt
+from tunelab.data.tokenize import tokenize_causal_lm, tokenize_classification, tokenize_instruction
+from tunelab.errors import DataError, TunelabError
+from tunelab.evaluate.runner import evaluate_classification, evaluate_lm, generate, predict_classes
+from tunelab.methods import get_method
+from tunelab.models.loading import load_task_model, load_tokenizer
+from tunelab.track.run_dir import RunDir
+from tunelab.train.hardware import resolve_precision, usable_cores
+
+
+class TrainedModel:
+    def __init__(self, run_dir: str | Path):
+        run = RunDir(run_dir)
+        if not run.config_path.is_file():
+            raise TunelabError(f"{run_dir}: not a run directory (no config.yaml)")
+        if not (run.model_dir / "backbone").is_dir():
+            status = run.manifest().get("status", "unknown") if (run.path / "manifest.json").is_file() else "unknown"
+            raise TunelabError(f"{run_dir}: has no trained model (run status: {status})")
+        torch.set_num_threads(usable_cores())
+        self.run = run
+        self.cfg = load_config(run.config_path)
+        self.labels = run.labels()
+        model, _, _ = load_task_model(self.cfg.model, self.cfg.task, num_labels=len(self.labels))
+        model.backbone = get_method(self.cfg.method.name).load(model.backbone, run.model_dir / "backbone")
+        if self.labels:
+            model.head.load_state_dict(load_file(run.model_dir / "head.safetensors"))
+        self.model = model.eval()
+        self.tokenizer = load_tokenizer(run.model_dir / "tokenizer", self.cfg.model)
+        self.precision = resolve_precision(self.cfg.train.precision)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.to(self.device)
+        self.template = choose_template(self.cfg.data.template, self.tokenizer) if self.cfg.task == "instruction" else None
+
+    @property
+    def task(self) -> str:
+        return self.cfg.task
+
+    def evaluate_file(self, path: str) -> dict:
+        examples = load_examples(path, self.task, self.cfg.data.columns)
+        e, max_len, pad = self.cfg.eval, self.cfg.data.max_length, self.tokenizer.pad_token_id
+        if self.task == "classification":
+            known = set(self.labels)
+            for ex in examples:
+                if ex["label"] not in known:
+                    raise DataError(
+                        f"{ex['where']}: label '{ex['label']}' is not one this model was trained on "
+                        f"({', '.join(self.labels)})"
+                    )
+            feats = tokenize_classification(examples, self.tokenizer, max_len, self.labels, self.cfg.data.truncation)
+            return evaluate_classification(self.model, feats, self.labels, e.batch_size, pad, self.precision, self.device)
+        if self.task == "causal_lm":
+            feats = tokenize_causal_lm(examples, self.tokenizer, max_len)
+        else:
+            feats, _ = tokenize_instruction(examples, self.tokenizer, max_len, self.template)
+        return evaluate_lm(self.model, feats, e.batch_size, pad, self.precision, self.device)
+
+    def predict(self, texts: list[str]) -> list[dict]:
+        if self.task != "classification":
+            raise TunelabError(f"predict needs a classification run; this run's task is '{self.task}' (use generate)")
+        enc = tokenize_classification([{"text": t, "label": self.labels[0]} for t in texts], self.tokenizer,
+                                      self.cfg.data.max_length, self.labels, self.cfg.data.truncation)
+        preds, probs = predict_classes(self.model, enc, self.cfg.eval.batch_size, self.tokenizer.pad_token_id,
+                                       self.precision, self.device)
+        return [
+            {"text": t, "label": self.labels[p], "score": float(probs[i, p]),
+             "scores": {name: float(probs[i, j]) for j, name in enumerate(self.labels)}}
+            for i, (t, p) in enumerate(zip(texts, preds))
+        ]
+
+    def generate(self, prompts: list[str], max_new_tokens: int | None = None) -> list[dict]:
+        if self.task == "classification":
+            raise TunelabError("generate needs a causal_lm or instruction run; this is a classification run (use predict)")
+        if self.task == "instruction":
+            rendered = [render_prompt({"instruction": p, "input": ""}, self.tokenizer, self.template) for p in prompts]
+        else:
+            rendered = prompts
+        out = generate(self.model, self.tokenizer, rendered, max_new_tokens or self.cfg.eval.max_new_tokens,
+                       self.device, self.precision, add_special_tokens=self.template != "chat")
+        for sample, prompt in zip(out, prompts):
+            sample["prompt"] = prompt
+        return out

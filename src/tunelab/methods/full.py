@@ -1,0 +1,26 @@
+"""Full fine-tuning: every weight of the backbone is updated.
+
+The most capacity and the most memory: AdamW keeps two fp32 moments per weight, so weights + gradients +
+optimizer state take about 16 bytes per parameter before any activation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+
+class FullFineTuning:
+    name = "full"
+    default_lr = 5e-5
+
+    def apply(self, backbone: nn.Module, cfg, task: str) -> nn.Module:
+        backbone.requires_grad_(True)
+        return backbone
+
+    def save(self, backbone: nn.Module, out_dir: Path) -> None:
+        backbone.save_pretrained(out_dir, safe_serialization=True)
+
+    def load(self, base_backbone: nn.Module, out_dir: Path) -> nn.Module:
+        return type(base_backbone).from_pretrained(out_dir)

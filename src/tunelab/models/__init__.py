@@ -1,0 +1,1 @@
+"""Bundled-model registry, loading, and the task wrappers the techniques act on."""

@@ -1,0 +1,279 @@
+"""The training recipe: setup -> train -> save -> evaluate, in one readable loop on Accelerate.
+
+No Trainer subclass: every step is visible here. Accelerate supplies the device placement, mixed
+precision and the distributed wrappers, so the same loop runs on one CPU core or under `accelerate launch`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from rich.console import Console
+from safetensors.torch import save_file
+
+from tunelab.config import RunConfig
+from tunelab.data.examples import Splits
+from tunelab.data.pipeline import Features, tokenize_splits
+from tunelab.data.batching import batch_plan, collate
+from tunelab.evaluate.runner import evaluate_classification, evaluate_lm, generate, instruction_prompts
+from tunelab.methods import count_parameters, get_method
+from tunelab.models.loading import load_task_model
+from tunelab.track.run_dir import RunDir
+from tunelab.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from tunelab.train.hardware import describe, peak_memory_bytes, resolve_precision, usable_cores
+from tunelab.train.optim import build_optimizer, build_scheduler
+from tunelab.train.progress import TrainProgress
+
+MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+class FineTune:
+    def __init__(self, cfg: RunConfig, splits: Splits, run: RunDir, console: Console | None = None):
+        self.cfg = cfg
+        self.splits = splits
+        self.run = run
+        self.console = console or Console(stderr=True)
+        self.state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "train_wall_s": 0.0, "real_tokens": 0}
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self, resume: bool = False) -> None:
+        cfg = self.cfg
+        torch.set_num_threads(usable_cores())
+        set_seed(cfg.train.seed)
+        self.precision = resolve_precision(cfg.train.precision)
+        self.accelerator = Accelerator(mixed_precision=MIXED_PRECISION[self.precision], cpu=not torch.cuda.is_available())
+        self.device = self.accelerator.device
+
+        model, self.tokenizer, _ = load_task_model(cfg.model, cfg.task, num_labels=len(self.splits.labels))
+        self.method = get_method(cfg.method.name)
+        model.backbone = self.method.apply(model.backbone, cfg.method, cfg.task)
+        self.trainable_params, self.total_params = count_parameters(model)
+
+        self.features: Features = tokenize_splits(self.splits, cfg, self.tokenizer)
+        for note in self.features.notes:
+            self.console.print(f"[dim]data  {note}[/]")
+        self.lengths = [len(f["input_ids"]) for f in self.features.train]
+
+        self.lr = cfg.train.lr or self.method.default_lr
+        optimizer = build_optimizer(model, self.lr, cfg.train.weight_decay)
+        self.total_steps = self._total_steps()
+        self.scheduler = build_scheduler(optimizer, cfg.train.scheduler, self.total_steps, cfg.train.warmup_ratio)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+
+        if resume:
+            checkpoints = list_checkpoints(self.run.checkpoint_dir)
+            if checkpoints:
+                self.state = load_checkpoint(checkpoints[-1], self._unwrapped(), self.optimizer, self.scheduler)
+                self.console.print(f"[bold]resumed[/] from {checkpoints[-1]} (step {self.state['step']})")
+            else:
+                self.console.print(f"[yellow]no checkpoint in {self.run.checkpoint_dir}; starting from step 0[/]")
+        self.run.update_manifest(
+            precision=self.precision,
+            lr=self.lr,
+            trainable_params=self.trainable_params,
+            total_params=self.total_params,
+            hardware=describe(),
+        )
+        self.console.print(
+            f"model {cfg.model.name} ({cfg.task}), method {cfg.method.name}: "
+            f"{self.trainable_params:,} of {self.total_params:,} parameters trainable "
+            f"({100 * self.trainable_params / self.total_params:.2f}%), precision {self.precision}, lr {self.lr:g}, "
+            f"{self.total_steps} steps"
+        )
+
+    def _unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    def _micro_batches_per_epoch(self) -> int:
+        per_rank = len(self.lengths) // self.accelerator.num_processes
+        return max(1, math.ceil(per_rank / self.cfg.train.batch_size))
+
+    def _total_steps(self) -> int:
+        t = self.cfg.train
+        if t.max_steps:
+            return t.max_steps
+        return max(1, math.ceil(t.epochs * self._micro_batches_per_epoch() / t.grad_accum))
+
+    # ------------------------------------------------------------------ data
+
+    def _micro_batches(self):
+        """Yield (epoch, index in epoch, batch) from the saved position onwards, forever.
+
+        Each rank takes every num_processes-th batch of the same seeded plan; the plan is cut to a multiple
+        of num_processes so all ranks run the same number of steps.
+        """
+        t = self.cfg.train
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        epoch, start = self.state["epoch"], self.state["batch_in_epoch"]
+        while True:
+            plan = batch_plan(self.lengths, t.batch_size, t.seed, epoch, t.group_by_length)
+            plan = plan[: len(plan) // world * world][rank::world]
+            for i in range(start, len(plan)):
+                batch = collate([self.features.train[j] for j in plan[i]], self.tokenizer.pad_token_id)
+                yield epoch, i, {k: v.to(self.device) for k, v in batch.items()}
+            epoch, start = epoch + 1, 0
+
+    def _loss_count(self, batch: dict) -> torch.Tensor:
+        """What a micro-batch's loss is summed over: examples for classification, target tokens for LM."""
+        if self.cfg.task == "classification":
+            return torch.tensor(batch["labels"].numel(), device=self.device)
+        return (batch["labels"][:, 1:] != -100).sum()
+
+    # ------------------------------------------------------------------ train
+
+    def train(self) -> None:
+        t, acc = self.cfg.train, self.accelerator
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        micro = self._micro_batches()
+        window = {"loss_sum": 0.0, "count": 0, "tokens": 0, "start": time.perf_counter()}
+        self.model.train()
+        progress = TrainProgress(self.console, self.total_steps, self.state["step"], enabled=acc.is_main_process)
+        segment_start = time.perf_counter()
+        with progress:
+            while self.state["step"] < self.total_steps:
+                group = [next(micro) for _ in range(t.grad_accum)]
+                counts = [self._loss_count(b) for _, _, b in group]
+                # The step's loss is sum(loss) / (targets across all micro-batches and all ranks). DDP averages
+                # gradients over ranks, so multiplying by world size leaves exactly sum / global count.
+                global_count = acc.reduce(torch.stack(counts).sum(), reduction="sum").clamp(min=1)
+                scale = acc.num_processes / global_count
+                for i, (_, _, batch) in enumerate(group):
+                    sync = i == len(group) - 1
+                    with contextlib.nullcontext() if sync else acc.no_sync(self.model):
+                        out = self.model(**batch)
+                        acc.backward(out.loss_sum * scale)
+                    window["loss_sum"] += float(out.loss_sum.detach())
+                    window["count"] += int(counts[i])
+                    tokens = int(batch["attention_mask"].sum())
+                    window["tokens"] += tokens
+                    self.state["real_tokens"] += tokens
+                grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm else None
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+
+                epoch, index, _ = group[-1]
+                self.state.update(step=self.state["step"] + 1, epoch=epoch, batch_in_epoch=index + 1)
+                step = self.state["step"]
+                loss = window["loss_sum"] / max(window["count"], 1)
+                elapsed = time.perf_counter() - window["start"]
+                progress.update(step, loss, self.scheduler.get_last_lr()[0], window["tokens"] / max(elapsed, 1e-9))
+                if step % t.log_every == 0 or step == self.total_steps:
+                    self._log_window(window, grad_norm)
+                    window = {"loss_sum": 0.0, "count": 0, "tokens": 0, "start": time.perf_counter()}
+                if t.eval_every and step % t.eval_every == 0 and self.features.validation:
+                    self._log_eval(progress)
+                    self.model.train()
+                if t.save_every and step % t.save_every == 0 and step < self.total_steps:
+                    self._save_checkpoint(segment_start)
+                    segment_start = time.perf_counter()
+        self.state["train_wall_s"] += time.perf_counter() - segment_start
+
+    def _log_window(self, window: dict, grad_norm) -> None:
+        elapsed = time.perf_counter() - window["start"]
+        record = {
+            "step": self.state["step"],
+            "epoch": round(self.state["epoch"] + self.state["batch_in_epoch"] / self._plan_len(), 4),
+            "loss": window["loss_sum"] / max(window["count"], 1),
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "real_tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
+            "peak_memory_bytes": peak_memory_bytes(self.device),
+        }
+        if self.accelerator.is_main_process:
+            self.run.log(record)
+
+    def _plan_len(self) -> int:
+        return self._micro_batches_per_epoch()
+
+    def _log_eval(self, progress) -> None:
+        metrics = self.evaluate(self.features.validation)
+        self.run.log({"step": self.state["step"], "split": "validation", **_flat(metrics)})
+        progress.note(f"step {self.state['step']} validation " + _headline(metrics))
+
+    def _save_checkpoint(self, segment_start: float) -> None:
+        self.state["train_wall_s"] += time.perf_counter() - segment_start
+        if self.accelerator.is_main_process:
+            save_checkpoint(
+                self.run.checkpoint_dir, self._unwrapped(), self.optimizer, self.scheduler, self.state,
+                self.cfg.train.keep_checkpoints,
+            )
+        self.accelerator.wait_for_everyone()
+
+    # ------------------------------------------------------------------ save
+
+    def save(self) -> None:
+        """Write the trained artifact to run/model, through a temp folder renamed into place."""
+        if not self.accelerator.is_main_process:
+            return
+        model = self._unwrapped()
+        final = self.run.model_dir
+        tmp = final.with_name(".model.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self.method.save(model.backbone, tmp / "backbone")
+        if hasattr(model, "head"):
+            save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, tmp / "head.safetensors")
+            (self.run.path / "labels.json").write_text(json.dumps(self.splits.labels))
+        self.tokenizer.save_pretrained(tmp / "tokenizer")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+
+    # ------------------------------------------------------------------ evaluate
+
+    def evaluate(self, features: list[dict]) -> dict:
+        e = self.cfg.eval
+        model = self._unwrapped()
+        pad = self.tokenizer.pad_token_id
+        if self.cfg.task == "classification":
+            return evaluate_classification(model, features, self.splits.labels, e.batch_size, pad, self.precision, self.device)
+        return evaluate_lm(model, features, e.batch_size, pad, self.precision, self.device)
+
+    def samples(self) -> list[dict]:
+        n = self.cfg.eval.num_samples
+        if self.cfg.task != "instruction" or not n or not self.splits.test:
+            return []
+        examples = self.splits.test[:n]
+        prompts = instruction_prompts(examples, self.tokenizer, self.features.template)
+        out = generate(self._unwrapped(), self.tokenizer, prompts, self.cfg.eval.max_new_tokens, self.device,
+                       self.precision, add_special_tokens=self.features.template != "chat")
+        for sample, ex in zip(out, examples):
+            sample["reference"] = ex.get("output") or ex.get("messages", [{}])[-1].get("content")
+        return out
+
+    def train_metrics(self) -> dict:
+        wall = self.state["train_wall_s"]
+        return {
+            "steps": self.state["step"],
+            "wall_s": round(wall, 2),
+            "real_tokens": self.state["real_tokens"],
+            "real_tokens_per_s": self.state["real_tokens"] / wall if wall else None,
+            "peak_memory_bytes": peak_memory_bytes(self.device),
+            "trainable_params": self.trainable_params,
+            "total_params": self.total_params,
+            "trainable_percent": 100 * self.trainable_params / self.total_params,
+            "precision": self.precision,
+            "lr": self.lr,
+            "num_processes": self.accelerator.num_processes,
+        }
+
+
+def _flat(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}
+
+
+def _headline(metrics: dict) -> str:
+    if "accuracy" in metrics:
+        return f"accuracy {metrics['accuracy']:.4f}  f1_macro {metrics['f1_macro']:.4f}"
+    return f"loss {metrics['loss']:.4f}  perplexity {metrics['perplexity']:.2f}"
+
+

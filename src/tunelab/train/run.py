@@ -1,0 +1,89 @@
+"""One training run end to end: check data, open the run directory, train, save, evaluate, record."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from rich.console import Console
+
+from tunelab.config import RunConfig, load_config
+from tunelab.data.examples import label_summary, load_splits
+from tunelab.errors import TunelabError
+from tunelab.track.run_dir import RunDir
+
+
+def resume_config(run_dir: str, overrides: list[str]) -> RunConfig:
+    """A resumed run keeps the config it started with: changing it midway would make the run directory
+    describe a run that never happened."""
+    if overrides:
+        raise TunelabError(f"--resume {run_dir}: overrides are not allowed; a resumed run keeps its config.yaml")
+    run = RunDir(run_dir)
+    if not run.config_path.is_file():
+        raise TunelabError(f"--resume {run_dir}: not a run directory (no config.yaml)")
+    if (run.path / "metrics.json").is_file():
+        raise TunelabError(f"--resume {run_dir}: this run already completed")
+    return load_config(run.config_path, overrides)
+
+
+def run_training(cfg: RunConfig, resume_dir: str | None = None, console: Console | None = None) -> tuple[RunDir, dict]:
+    console = console or Console(stderr=True)
+    started = time.perf_counter()
+    # Every data check runs here, before a model is loaded or a run directory exists.
+    splits = load_splits(cfg.data, cfg.task, cfg.train.seed)
+    sizes = f"train {len(splits.train)}, validation {len(splits.validation)}, test {len(splits.test)}"
+    console.print(f"data  {sizes}")
+    if cfg.task == "classification":
+        for name in ("train", "validation", "test"):
+            if getattr(splits, name):
+                console.print(f"data  {name} labels: {label_summary(getattr(splits, name))}")
+
+    # Heavy imports (torch, transformers) only after the data passed: a bad line is reported in seconds.
+    from tunelab.models.loading import load_hf_config, quiet_transformers
+    from tunelab.train.hardware import describe
+    from tunelab.train.loop import FineTune
+
+    quiet_transformers()
+    load_hf_config(cfg.model)  # an unknown model name fails here, before a run directory exists
+    run = RunDir(resume_dir) if resume_dir else RunDir.create(cfg, describe())
+    console.print(f"run   {run.path}")
+    try:
+        recipe = FineTune(cfg, splits, run, console)
+        recipe.setup(resume=resume_dir is not None)
+        baseline = _baseline(recipe, run, console)
+        recipe.train()
+        recipe.save()
+        metrics: dict = {"train": recipe.train_metrics()}
+        if recipe.features.test:
+            console.print("eval  test set ...")
+            metrics["eval"] = recipe.evaluate(recipe.features.test)
+        if recipe.features.validation:
+            metrics["validation"] = recipe.evaluate(recipe.features.validation)
+        if baseline:
+            metrics["eval_untuned"] = baseline
+        samples = recipe.samples()
+        if samples:
+            metrics["samples"] = samples
+        metrics["total_wall_s"] = round(time.perf_counter() - started, 2)
+        run.finish(metrics)
+    except BaseException as err:
+        run.fail(err)
+        raise
+    return run, metrics
+
+
+def _baseline(recipe, run: RunDir, console: Console) -> dict | None:
+    """For LM tasks, the untuned model's test loss, so the run shows what training bought.
+
+    Measured before step 1 (at step 0 a LoRA model equals its base). Saved to the run directory so a
+    resumed run reports the same number.
+    """
+    path = run.path / "eval_untuned.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    if recipe.cfg.task == "classification" or not recipe.features.test or recipe.state["step"] > 0:
+        return None
+    console.print("eval  untuned model on the test set ...")
+    metrics = recipe.evaluate(recipe.features.test)
+    path.write_text(json.dumps(metrics))
+    return metrics
