@@ -120,3 +120,26 @@ def test_instruction_tuning_learns_to_stop_at_eos(tmp_path, monkeypatch, tiny_de
     for sample in metrics["samples"]:
         assert sample["stopped_at_eos"], sample
         assert sample["completion"].strip() == sample["reference"]
+
+
+@pytest.mark.parametrize("method", [{"name": "full"}, {"name": "lora", "rank": 4, "dropout": 0.0}])
+def test_gradient_checkpointing_changes_memory_not_math(tmp_path, monkeypatch, tiny_decoder, method):
+    """Recomputing activations in backward must give the same weights as keeping them."""
+    monkeypatch.chdir(tmp_path)
+    rows = [{"text": f"The number {i} follows {i - 1} and comes before {i + 1}."} for i in range(16)]
+    train = write_jsonl(tmp_path / "lm.jsonl", rows)
+
+    def run(name, checkpointing):
+        raw = make_config(
+            task="causal_lm",
+            model={"name": tiny_decoder, "gradient_checkpointing": checkpointing},
+            data={"train": str(train), "max_length": 32},
+            method=method,
+            train={"batch_size": 4, "max_steps": 3, "lr": 1e-3},
+            output={"dir": "runs", "name": name},
+        )
+        return run_training(validate_config(raw))[0]
+
+    plain, checkpointed = run("plain", False), run("ckpt", True)
+    load = lambda p: {k: v for f in (p / "model" / "backbone").glob("*.safetensors") for k, v in load_file(f).items()}
+    _assert_same(load(plain.path), load(checkpointed.path), atol=1e-5)

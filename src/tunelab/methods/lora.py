@@ -31,7 +31,10 @@ class Lora:
             task_type=TaskType.CAUSAL_LM if task != "classification" else TaskType.FEATURE_EXTRACTION,
         )
         model = get_peft_model(backbone, peft_config)
-        if getattr(backbone, "is_gradient_checkpointing", False):
+        checkpointing = getattr(backbone, "is_activation_checkpointing", None)  # transformers >= 5
+        if checkpointing is None:
+            checkpointing = getattr(backbone, "is_gradient_checkpointing", False)
+        if checkpointing:
             model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
         return model
 
