@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModel
 
+from tunelab.models.loading import quiet_transformers
 from tunelab.models.registry import minilm_dir
 from tunelab.train.hardware import cpu_has_fast_bf16, describe, usable_cores
 
@@ -54,6 +55,7 @@ def tokens_per_s(overrides: dict, dtype) -> float:
 
 def main() -> None:
     torch.set_num_threads(usable_cores())
+    quiet_transformers()
     hw = describe()
     rows = []
     for name, overrides, dtype in SETTINGS:

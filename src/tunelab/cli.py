@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tunelab.errors import TunelabError
@@ -66,8 +67,8 @@ def _print_metrics(metrics: dict, labels: list[str]) -> None:
     if cm and labels:
         out.print("confusion matrix (test):\n" + format_confusion(cm, labels))
     for sample in metrics.get("samples", []):
-        end = "[EOS]" if sample["stopped_at_eos"] else "[cut at max_new_tokens]"
-        out.print(f"[bold]sample[/] {sample['completion'][:300]!r} {end}")
+        end = "ends with EOS" if sample["stopped_at_eos"] else "NO EOS: cut at max_new_tokens"
+        out.print(f"[bold]sample[/] ({end}) {escape(repr(sample['completion'][:300]))}")
 
 
 @app.command("eval")
@@ -141,6 +142,8 @@ def generate(
     prompt: Optional[str] = typer.Argument(None, help="Instruction (instruction runs) or text to continue."),
     file: Optional[Path] = typer.Option(None, "--file", help="One prompt per line (.txt), or .jsonl/.csv with 'prompt'."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1),
+    repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty", min=1.0,
+                                                       help="Default: the run's eval.repetition_penalty."),
     output: Optional[Path] = typer.Option(None, "--output", help="Write JSONL here instead of stdout."),
 ):
     """Generate text with a trained run (greedy); prints one JSON line per prompt."""
@@ -148,7 +151,7 @@ def generate(
 
     prompts = _inputs(prompt, file, "prompt")
     _quiet_libraries()
-    _write_jsonl(TrainedModel(run_dir).generate(prompts, max_new_tokens), output)
+    _write_jsonl(TrainedModel(run_dir).generate(prompts, max_new_tokens, repetition_penalty), output)
 
 
 @app.command()

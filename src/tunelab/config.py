@@ -109,6 +109,9 @@ class EvalConfig(_Section):
     batch_size: int = Field(64, ge=1)
     num_samples: int = Field(3, ge=0, description="Instruction/LM runs: generations shown in the report.")
     max_new_tokens: int = Field(96, ge=1)
+    repetition_penalty: float = Field(
+        1.0, ge=1.0, description="Greedy samples: >1 discourages repeating tokens; small models loop without it."
+    )
 
 
 class OutputConfig(_Section):

@@ -58,7 +58,7 @@ def evaluate_lm(model: nn.Module, features: list[dict], batch_size: int, pad_id:
 
 @torch.inference_mode()
 def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, device: torch.device,
-             precision: str = "fp32", add_special_tokens: bool = False) -> list[dict]:
+             precision: str = "fp32", add_special_tokens: bool = False, repetition_penalty: float = 1.0) -> list[dict]:
     """Greedy decoding, one prompt at a time (no padding, so no left/right padding pitfalls).
 
     Returns the completion text and whether the model stopped by emitting EOS.
@@ -70,7 +70,7 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: in
         enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens).to(device)
         with autocast(device, precision):
             ids = backbone.generate(
-                **enc, max_new_tokens=max_new_tokens, do_sample=False,
+                **enc, max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=repetition_penalty,
                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
             )[0, enc["input_ids"].shape[1]:]
         stopped = bool(len(ids) and ids[-1].item() == tokenizer.eos_token_id)

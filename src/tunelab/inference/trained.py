@@ -78,7 +78,8 @@ class TrainedModel:
             for i, (t, p) in enumerate(zip(texts, preds))
         ]
 
-    def generate(self, prompts: list[str], max_new_tokens: int | None = None) -> list[dict]:
+    def generate(self, prompts: list[str], max_new_tokens: int | None = None,
+                 repetition_penalty: float | None = None) -> list[dict]:
         if self.task == "classification":
             raise TunelabError("generate needs a causal_lm or instruction run; this is a classification run (use predict)")
         if self.task == "instruction":
@@ -86,7 +87,8 @@ class TrainedModel:
         else:
             rendered = prompts
         out = generate(self.model, self.tokenizer, rendered, max_new_tokens or self.cfg.eval.max_new_tokens,
-                       self.device, self.precision, add_special_tokens=self.template != "chat")
+                       self.device, self.precision, add_special_tokens=self.template != "chat",
+                       repetition_penalty=repetition_penalty or self.cfg.eval.repetition_penalty)
         for sample, prompt in zip(out, prompts):
             sample["prompt"] = prompt
         return out

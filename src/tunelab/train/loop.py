@@ -170,8 +170,13 @@ class FineTune:
                     self._log_window(window, grad_norm)
                     window = {"loss_sum": 0.0, "count": 0, "tokens": 0, "start": time.perf_counter()}
                 if t.eval_every and step % t.eval_every == 0 and self.features.validation:
+                    paused = time.perf_counter()
                     self._log_eval(progress)
                     self.model.train()
+                    # Validation time is not training time: keep it out of wall_s and tokens/s.
+                    paused = time.perf_counter() - paused
+                    segment_start += paused
+                    window["start"] += paused
                 if t.save_every and step % t.save_every == 0 and step < self.total_steps:
                     self._save_checkpoint(segment_start)
                     segment_start = time.perf_counter()
@@ -181,7 +186,7 @@ class FineTune:
         elapsed = time.perf_counter() - window["start"]
         record = {
             "step": self.state["step"],
-            "epoch": round(self.state["epoch"] + self.state["batch_in_epoch"] / self._plan_len(), 4),
+            "epoch": round(self.state["epoch"] + self.state["batch_in_epoch"] / self._micro_batches_per_epoch(), 4),
             "loss": window["loss_sum"] / max(window["count"], 1),
             "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
@@ -190,9 +195,6 @@ class FineTune:
         }
         if self.accelerator.is_main_process:
             self.run.log(record)
-
-    def _plan_len(self) -> int:
-        return self._micro_batches_per_epoch()
 
     def _log_eval(self, progress) -> None:
         metrics = self.evaluate(self.features.validation)
@@ -245,7 +247,8 @@ class FineTune:
         examples = self.splits.test[:n]
         prompts = instruction_prompts(examples, self.tokenizer, self.features.template)
         out = generate(self._unwrapped(), self.tokenizer, prompts, self.cfg.eval.max_new_tokens, self.device,
-                       self.precision, add_special_tokens=self.features.template != "chat")
+                       self.precision, add_special_tokens=self.features.template != "chat",
+                       repetition_penalty=self.cfg.eval.repetition_penalty)
         for sample, ex in zip(out, examples):
             sample["reference"] = ex.get("output") or ex.get("messages", [{}])[-1].get("content")
         return out

@@ -64,6 +64,7 @@ def run_training(cfg: RunConfig, resume_dir: str | None = None, console: Console
         samples = recipe.samples()
         if samples:
             metrics["samples"] = samples
+            metrics["samples_stopped_at_eos"] = sum(s["stopped_at_eos"] for s in samples) / len(samples)
         metrics["total_wall_s"] = round(time.perf_counter() - started, 2)
         run.finish(metrics)
     except BaseException as err:
