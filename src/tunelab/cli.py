@@ -51,6 +51,14 @@ def train(
     out.print(f"run directory: {run.path}")
 
 
+def _format_value(value) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.4f}" if 1e-3 <= abs(value) < 1e5 else f"{value:.4g}"
+
+
 def _print_metrics(metrics: dict, labels: list[str]) -> None:
     from tunelab.evaluate.metrics import format_confusion
 
@@ -61,14 +69,21 @@ def _print_metrics(metrics: dict, labels: list[str]) -> None:
         for key, value in metrics.get(section, {}).items():
             if isinstance(value, (dict, list)) or value is None:
                 continue
-            table.add_row(f"{section}.{key}", f"{value:.4f}" if isinstance(value, float) else str(value))
+            table.add_row(f"{section}.{key}", _format_value(value))
     out.print(table)
     cm = metrics.get("eval", {}).get("confusion_matrix")
     if cm and labels:
         out.print("confusion matrix (test):\n" + format_confusion(cm, labels))
-    for sample in metrics.get("samples", []):
-        end = "ends with EOS" if sample["stopped_at_eos"] else "NO EOS: cut at max_new_tokens"
-        out.print(f"[bold]sample[/] ({end}) {escape(repr(sample['completion'][:300]))}")
+    untuned = metrics.get("eval_untuned", {}).get("samples", [])
+    for i, sample in enumerate(metrics.get("samples", [])):
+        out.print(f"[bold]sample {i + 1}[/] tuned   {_sample_line(sample)}")
+        if i < len(untuned):
+            out.print(f"[bold]sample {i + 1}[/] untuned {_sample_line(untuned[i])}")
+
+
+def _sample_line(sample: dict) -> str:
+    end = "ends with EOS" if sample["stopped_at_eos"] else "NO EOS: cut at max_new_tokens"
+    return f"({end}) {escape(repr(sample['completion'][:300]))}"
 
 
 @app.command("eval")

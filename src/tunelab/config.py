@@ -110,7 +110,8 @@ class EvalConfig(_Section):
     num_samples: int = Field(3, ge=0, description="Instruction/LM runs: generations shown in the report.")
     max_new_tokens: int = Field(96, ge=1)
     repetition_penalty: float = Field(
-        1.0, ge=1.0, description="Greedy samples: >1 discourages repeating tokens; small models loop without it."
+        1.0, ge=1.0,
+        description="Greedy samples: >1 discourages repeated tokens, but also the end-of-turn token itself.",
     )
 
 

@@ -16,8 +16,12 @@ from tunelab.models.task_models import CausalLM, SequenceClassifier
 
 def quiet_transformers() -> None:
     """Keep the terminal for tunelab's own lines: no per-weight loading bars, no advice-level warnings."""
+    import warnings
+
     import transformers
 
+    # PEFT still reads this renamed transformers attribute; the warning is theirs to fix, not the user's.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 

@@ -64,7 +64,7 @@ def run_training(cfg: RunConfig, resume_dir: str | None = None, console: Console
         samples = recipe.samples()
         if samples:
             metrics["samples"] = samples
-            metrics["samples_stopped_at_eos"] = sum(s["stopped_at_eos"] for s in samples) / len(samples)
+            metrics["samples_stopped_at_eos"] = _eos_rate(samples)
         metrics["total_wall_s"] = round(time.perf_counter() - started, 2)
         run.finish(metrics)
     except BaseException as err:
@@ -74,10 +74,11 @@ def run_training(cfg: RunConfig, resume_dir: str | None = None, console: Console
 
 
 def _baseline(recipe, run: RunDir, console: Console) -> dict | None:
-    """For LM tasks, the untuned model's test loss, so the run shows what training bought.
+    """For LM tasks, the untuned model's test loss (and, for instruction runs, its greedy samples on the
+    same prompts), so the run shows what training bought and what it did to the model's answers.
 
     Measured before step 1 (at step 0 a LoRA model equals its base). Saved to the run directory so a
-    resumed run reports the same number.
+    resumed run reports the same numbers.
     """
     path = run.path / "eval_untuned.json"
     if path.is_file():
@@ -86,5 +87,13 @@ def _baseline(recipe, run: RunDir, console: Console) -> dict | None:
         return None
     console.print("eval  untuned model on the test set ...")
     metrics = recipe.evaluate(recipe.features.test)
+    samples = recipe.samples()
+    if samples:
+        metrics["samples"] = samples
+        metrics["samples_stopped_at_eos"] = _eos_rate(samples)
     path.write_text(json.dumps(metrics))
     return metrics
+
+
+def _eos_rate(samples: list[dict]) -> float:
+    return sum(s["stopped_at_eos"] for s in samples) / len(samples)
