@@ -76,5 +76,10 @@ def test_train_predict_eval_roundtrip(tmp_path, tiny_encoder, sentiment_files):
     res = tunelab("eval", "runs/smoke", "--data", str(bad), cwd=tmp_path)
     assert res.returncode == 2 and "bad.jsonl:1: label 'neutral' is not one this model was trained on" in res.stderr
 
+    res = tunelab("train", "--resume", "runs/smoke", "train.lr=1", cwd=tmp_path)
+    assert res.returncode == 2 and "a resumed run keeps its own config.yaml" in res.stderr
+    res = tunelab("train", "--resume", "runs/smoke", cwd=tmp_path)
+    assert res.returncode == 2 and "this run already completed" in res.stderr
+
     res = tunelab("generate", "runs/smoke", "hello", cwd=tmp_path)
     assert res.returncode == 2 and "generate needs a causal_lm or instruction run" in res.stderr

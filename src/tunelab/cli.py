@@ -42,10 +42,9 @@ def train(
 
     if resume is None and config is None:
         raise TunelabError("give a config file, or --resume RUN_DIR")
-    if resume is not None and config is not None and config.suffix not in (".yaml", ".yml"):
-        overrides = [str(config)] + list(overrides or [])  # `--resume DIR a.b=c`: the override came first
-        config = None
-    cfg = resume_config(str(resume), overrides or []) if resume else load_config(config, overrides or [])
+    if resume is not None and (config is not None or overrides):
+        raise TunelabError("a resumed run keeps its own config.yaml: give --resume RUN_DIR alone")
+    cfg = resume_config(str(resume)) if resume else load_config(config, overrides or [])
     run, metrics = run_training(cfg, str(resume) if resume else None, err)
     _print_metrics(metrics, run.labels())
     out.print(f"run directory: {run.path}")

@@ -13,17 +13,15 @@ from tunelab.errors import TunelabError
 from tunelab.track.run_dir import RunDir
 
 
-def resume_config(run_dir: str, overrides: list[str]) -> RunConfig:
+def resume_config(run_dir: str) -> RunConfig:
     """A resumed run keeps the config it started with: changing it midway would make the run directory
     describe a run that never happened."""
-    if overrides:
-        raise TunelabError(f"--resume {run_dir}: overrides are not allowed; a resumed run keeps its config.yaml")
     run = RunDir(run_dir)
     if not run.config_path.is_file():
         raise TunelabError(f"--resume {run_dir}: not a run directory (no config.yaml)")
     if (run.path / "metrics.json").is_file():
         raise TunelabError(f"--resume {run_dir}: this run already completed")
-    return load_config(run.config_path, overrides)
+    return load_config(run.config_path)
 
 
 def run_training(cfg: RunConfig, resume_dir: str | None = None, console: Console | None = None) -> tuple[RunDir, dict]:
