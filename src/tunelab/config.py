@@ -62,6 +62,11 @@ class DataConfig(_Section):
     template: Literal["auto", "chat", "alpaca"] = Field(
         "auto", description="Instruction prompt format: the model's chat template when it has one, else Alpaca."
     )
+    packing: bool = Field(
+        False,
+        description="causal_lm/instruction: pack several examples into each max_length row, attention kept "
+        "within each example. No padding to compute; the loss of every example is unchanged.",
+    )
 
 
 class FullMethod(_Section):
@@ -79,7 +84,77 @@ class LoraMethod(_Section):
     use_dora: bool = Field(False, description="DoRA: learn magnitude and direction apart; slower per step.")
 
 
-MethodConfig = Annotated[Union[FullMethod, LoraMethod], Field(discriminator="name")]
+class DoraMethod(LoraMethod):
+    """LoRA with the weight split into magnitude and direction (Liu et al. 2024): `lora` with use_dora on."""
+
+    name: Literal["dora"] = "dora"  # type: ignore[assignment]
+    use_dora: Literal[True] = Field(True, description="Always on for dora.")
+
+
+class QloraMethod(LoraMethod):
+    """LoRA on a base whose linear layers are stored in 4 bits (Dettmers et al. 2023)."""
+
+    name: Literal["qlora"] = "qlora"  # type: ignore[assignment]
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type; NF4 suits normally distributed weights.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too: ~0.4 bits/weight saved.")
+    compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="dtype the 4-bit weights are dequantized to for each matmul; auto = the run's precision."
+    )
+
+
+class Ia3Method(_Section):
+    name: Literal["ia3"] = "ia3"
+    target_modules: list[str] | None = Field(
+        None, description="Modules whose activations are rescaled; null = PEFT's default for the architecture (k, v, FFN)."
+    )
+    feedforward_modules: list[str] | None = Field(
+        None, description="Which of target_modules are FFN layers (scaled on their input); null = PEFT's default."
+    )
+
+
+class PromptMethod(_Section):
+    name: Literal["prompt"] = "prompt"
+    num_virtual_tokens: int = Field(20, ge=1, description="Trainable embeddings prepended to every input.")
+    init: Literal["random", "text"] = Field("random", description="Start from random vectors or from init_text's embeddings.")
+    init_text: str | None = Field(None, description="With init: text, e.g. 'Classify the sentiment of this review:'.")
+
+    @model_validator(mode="after")
+    def _text_needs_text(self) -> PromptMethod:
+        if self.init == "text" and not self.init_text:
+            raise ValueError("init 'text' needs init_text")
+        return self
+
+
+class PrefixMethod(_Section):
+    name: Literal["prefix"] = "prefix"
+    num_virtual_tokens: int = Field(20, ge=1, description="Trainable key/value pairs prepended in every layer.")
+    projection: bool = Field(False, description="Reparameterize the prefix through an MLP (Li & Liang 2021); more weights.")
+
+
+class AdapterMethod(_Section):
+    name: Literal["adapter"] = "adapter"
+    config: Literal["pfeiffer", "houlsby", "parallel"] = Field(
+        "pfeiffer",
+        description="Where bottlenecks go: pfeiffer = after each FFN; houlsby = after attention and FFN; "
+        "parallel = beside each FFN.",
+    )
+    reduction_factor: int = Field(16, ge=1, description="Bottleneck width = hidden size / reduction_factor.")
+    non_linearity: Literal["relu", "gelu", "swish", "tanh"] = "relu"
+    scaling: float = Field(1.0, gt=0, description="Multiplier on the adapter's output (used by parallel adapters).")
+    compose_with: list[str] = Field(
+        default_factory=list, description="Run directories of trained adapters, loaded frozen and composed with the new one."
+    )
+    composition: Literal["stack", "parallel", "average"] = Field(
+        "stack",
+        description="How the adapters combine: stack = one after another; parallel = side by side, outputs summed; "
+        "average = outputs averaged.",
+    )
+
+
+MethodConfig = Annotated[
+    Union[FullMethod, LoraMethod, DoraMethod, QloraMethod, Ia3Method, PromptMethod, PrefixMethod, AdapterMethod],
+    Field(discriminator="name"),
+]
 
 
 class TrainConfig(_Section):

@@ -8,23 +8,36 @@ loop never asks which technique it is running.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
-
 from torch import nn
 
 
-class Method(Protocol):
+class Method:
+    """Base of every technique. Subclasses set `name` and `default_lr` and implement apply/save/load."""
+
     name: str
     default_lr: float  # used when train.lr is null: a value that works on the bundled models
 
+    def check(self, cfg, hf_config, task: str) -> None:
+        """Raise ConfigError (one line) if this technique cannot apply to this model or task.
+
+        Runs before any weights load or a run directory exists.
+        """
+
+    def pretrained_kwargs(self, cfg, precision: str) -> dict:
+        """Extra `from_pretrained` arguments for the base model (QLoRA loads it quantized)."""
+        return {}
+
     def apply(self, backbone: nn.Module, cfg, task: str) -> nn.Module:
         """Return the backbone ready to train (parameters to update have requires_grad=True)."""
+        raise NotImplementedError
 
     def save(self, backbone: nn.Module, out_dir: Path) -> None:
         """Write what this technique trained, as safetensors, into out_dir."""
+        raise NotImplementedError
 
     def load(self, base_backbone: nn.Module, out_dir: Path) -> nn.Module:
         """Rebuild the trained backbone from a fresh base and what save() wrote."""
+        raise NotImplementedError
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

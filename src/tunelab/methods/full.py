@@ -10,8 +10,10 @@ from pathlib import Path
 
 from torch import nn
 
+from tunelab.methods.base import Method
 
-class FullFineTuning:
+
+class FullFineTuning(Method):
     name = "full"
     default_lr = 5e-5
 

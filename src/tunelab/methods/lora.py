@@ -13,8 +13,10 @@ from pathlib import Path
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from torch import nn
 
+from tunelab.methods.base import Method
 
-class Lora:
+
+class Lora(Method):
     name = "lora"
     # Adapters start at zero and have few weights: they want a learning rate ~10x that of full FT.
     default_lr = 5e-4

@@ -35,8 +35,11 @@ MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
 class FineTune:
-    def __init__(self, cfg: RunConfig, splits: Splits, run: RunDir, console: Console | None = None):
+    def __init__(self, cfg: RunConfig, splits: Splits, run: RunDir, console: Console | None = None, on_eval=None):
+        """on_eval(step, metrics) is called after each periodic validation; it may raise to stop the run
+        (the sweep's pruner does)."""
         self.cfg = cfg
+        self.on_eval = on_eval
         self.splits = splits
         self.run = run
         self.console = console or Console(stderr=True)
@@ -200,6 +203,8 @@ class FineTune:
         metrics = self.evaluate(self.features.validation)
         self.run.log({"step": self.state["step"], "split": "validation", **_flat(metrics)})
         progress.note(f"step {self.state['step']} validation " + _headline(metrics))
+        if self.on_eval is not None:
+            self.on_eval(self.state["step"], metrics)
 
     def _save_checkpoint(self, segment_start: float) -> None:
         self.state["train_wall_s"] += time.perf_counter() - segment_start

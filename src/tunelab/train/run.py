@@ -24,7 +24,10 @@ def resume_config(run_dir: str) -> RunConfig:
     return load_config(run.config_path)
 
 
-def run_training(cfg: RunConfig, resume_dir: str | None = None, console: Console | None = None) -> tuple[RunDir, dict]:
+def run_training(
+    cfg: RunConfig, resume_dir: str | None = None, console: Console | None = None, on_eval=None
+) -> tuple[RunDir, dict]:
+    """Train, save and evaluate one run. on_eval(step, metrics) sees each periodic validation (see FineTune)."""
     console = console or Console(stderr=True)
     started = time.perf_counter()
     # Every data check runs here, before a model is loaded or a run directory exists.
@@ -46,7 +49,7 @@ def run_training(cfg: RunConfig, resume_dir: str | None = None, console: Console
     run = RunDir(resume_dir) if resume_dir else RunDir.create(cfg, describe())
     console.print(f"run   {run.path}")
     try:
-        recipe = FineTune(cfg, splits, run, console)
+        recipe = FineTune(cfg, splits, run, console, on_eval=on_eval)
         recipe.setup(resume=resume_dir is not None)
         baseline = _baseline(recipe, run, console)
         recipe.train()
