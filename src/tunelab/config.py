@@ -140,7 +140,7 @@ class AdapterMethod(_Section):
     )
     reduction_factor: int = Field(16, ge=1, description="Bottleneck width = hidden size / reduction_factor.")
     non_linearity: Literal["relu", "gelu", "swish", "tanh"] = "relu"
-    scaling: float = Field(1.0, gt=0, description="Multiplier on the adapter's output (used by parallel adapters).")
+    scaling: float = Field(1.0, gt=0, description="Multiplier on the adapter's output (He et al. use 4 for parallel adapters).")
     compose_with: list[str] = Field(
         default_factory=list, description="Run directories of trained adapters, loaded frozen and composed with the new one."
     )

@@ -31,13 +31,17 @@ class TrainedModel:
         self.run = run
         self.cfg = load_config(run.config_path)
         self.labels = run.labels()
-        model, _, _ = load_task_model(self.cfg.model, self.cfg.task, num_labels=len(self.labels))
-        model.backbone = get_method(self.cfg.method.name).load(model.backbone, run.model_dir / "backbone")
+        self.precision = resolve_precision(self.cfg.train.precision)
+        method = get_method(self.cfg.method.name)
+        model, _, _ = load_task_model(
+            self.cfg.model, self.cfg.task, num_labels=len(self.labels),
+            pretrained_kwargs=method.pretrained_kwargs(self.cfg.method, self.precision),
+        )
+        model.backbone = method.load(model.backbone, run.model_dir / "backbone")
         if self.labels:
             model.head.load_state_dict(load_file(run.model_dir / "head.safetensors"))
         self.model = model.eval()
         self.tokenizer = load_tokenizer(run.model_dir / "tokenizer", self.cfg.model)
-        self.precision = resolve_precision(self.cfg.train.precision)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device)
         self.template = choose_template(self.cfg.data.template, self.tokenizer) if self.cfg.task == "instruction" else None

@@ -69,15 +69,18 @@ def load_tokenizer(source: str | Path, cfg: ModelConfig):
     return tokenizer
 
 
-def load_task_model(cfg: ModelConfig, task: str, num_labels: int = 0):
-    """Return (task_model, tokenizer, source) with the pretrained base weights."""
+def load_task_model(cfg: ModelConfig, task: str, num_labels: int = 0, pretrained_kwargs: dict | None = None):
+    """Return (task_model, tokenizer, source) with the pretrained base weights.
+
+    pretrained_kwargs come from the technique (QLoRA's 4-bit quantization config).
+    """
     source, hf_config = load_hf_config(cfg)
     decoder = is_decoder(hf_config)
     tokenizer = load_tokenizer(source, cfg)
     # fp32 master weights whatever dtype the checkpoint was saved in: mixed precision is autocast's job,
     # and AdamW moments in bf16 lose small updates.
     kwargs = {
-        **_pretrained_kwargs(cfg), **_dropout_kwargs(cfg, hf_config), "dtype": torch.float32
+        **_pretrained_kwargs(cfg), **_dropout_kwargs(cfg, hf_config), "dtype": torch.float32, **(pretrained_kwargs or {})
     }
     if task == "classification":
         backbone = AutoModel.from_pretrained(source, **kwargs)

@@ -22,6 +22,7 @@ from tunelab.config import RunConfig
 from tunelab.data.examples import Splits
 from tunelab.data.pipeline import Features, tokenize_splits
 from tunelab.data.batching import batch_plan, collate
+from tunelab.errors import DataError
 from tunelab.evaluate.runner import evaluate_classification, evaluate_lm, generate, instruction_prompts
 from tunelab.methods import count_parameters, get_method
 from tunelab.models.loading import load_task_model
@@ -55,15 +56,25 @@ class FineTune:
         self.accelerator = Accelerator(mixed_precision=MIXED_PRECISION[self.precision], cpu=not torch.cuda.is_available())
         self.device = self.accelerator.device
 
-        model, self.tokenizer, _ = load_task_model(cfg.model, cfg.task, num_labels=len(self.splits.labels))
         self.method = get_method(cfg.method.name)
+        model, self.tokenizer, _ = load_task_model(
+            cfg.model, cfg.task, num_labels=len(self.splits.labels),
+            pretrained_kwargs=self.method.pretrained_kwargs(cfg.method, self.precision),
+        )
         model.backbone = self.method.apply(model.backbone, cfg.method, cfg.task)
         self.trainable_params, self.total_params = count_parameters(model)
 
         self.features: Features = tokenize_splits(self.splits, cfg, self.tokenizer)
         for note in self.features.notes:
             self.console.print(f"[dim]data  {note}[/]")
+        if not self.features.train:
+            raise DataError(
+                f"{cfg.data.train}: no training example fits in data.max_length={cfg.data.max_length} "
+                "(every prompt alone fills it); raise data.max_length"
+            )
         self.lengths = [len(f["input_ids"]) for f in self.features.train]
+        if len(self.lengths) < self.accelerator.num_processes:
+            raise DataError(f"{cfg.data.train}: {len(self.lengths)} training rows for {self.accelerator.num_processes} processes")
 
         self.lr = cfg.train.lr or self.method.default_lr
         optimizer = build_optimizer(model, self.lr, cfg.train.weight_decay)

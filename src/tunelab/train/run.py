@@ -40,12 +40,15 @@ def run_training(
                 console.print(f"data  {name} labels: {label_summary(getattr(splits, name))}")
 
     # Heavy imports (torch, transformers) only after the data passed: a bad line is reported in seconds.
+    from tunelab.methods import get_method
     from tunelab.models.loading import load_hf_config, quiet_transformers
     from tunelab.train.hardware import describe
     from tunelab.train.loop import FineTune
 
     quiet_transformers()
-    load_hf_config(cfg.model)  # an unknown model name fails here, before a run directory exists
+    # An unknown model name, or a technique that cannot apply to it, fails here: before a run directory exists.
+    _, hf_config = load_hf_config(cfg.model)
+    get_method(cfg.method.name).check(cfg.method, hf_config, cfg.task)
     run = RunDir(resume_dir) if resume_dir else RunDir.create(cfg, describe())
     console.print(f"run   {run.path}")
     try:
@@ -71,7 +74,20 @@ def run_training(
     except BaseException as err:
         run.fail(err)
         raise
+    _write_report(run, console)
     return run, metrics
+
+
+def _write_report(run: RunDir, console: Console) -> None:
+    """The per-run report. The run's results are already on disk, so a plotting failure costs only the
+    report: it is reported, and `tunelab report RUN_DIR` can retry."""
+    from tunelab.report import write_run_report
+
+    try:
+        _, html = write_run_report(run.path)
+        console.print(f"report {html}")
+    except Exception as err:  # noqa: BLE001
+        console.print(f"[yellow]report not written ({type(err).__name__}: {err}); retry with `tunelab report {run.path}`[/]")
 
 
 def _baseline(recipe, run: RunDir, console: Console) -> dict | None:
