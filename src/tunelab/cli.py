@@ -169,6 +169,55 @@ def generate(
 
 
 @app.command()
+def compare(
+    config: Path = typer.Argument(..., help="Run config YAML, optionally with a compare: section."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="Dotted overrides for every run, e.g. train.max_steps=50"),
+    methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated, e.g. full,lora,ia3 (default: compare.methods)."),
+):
+    """Train several techniques on the same data, seed and budget; write one side-by-side report."""
+    from tunelab.compare import run_comparison
+
+    chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    _quiet_libraries()
+    compare_dir, entries = run_comparison(config, chosen, overrides or [], err)
+    table = Table(title="comparison", show_header=True)
+    for col in ("method", "status", "detail"):
+        table.add_column(col)
+    for e in entries:
+        table.add_row(e["method"], e["status"], escape(e["error"] or e["run_dir"] or ""))
+    out.print(table)
+    out.print(f"report: {compare_dir / 'comparison.html'} (also comparison.md, .csv, .json)")
+    if any(e["status"] != "completed" for e in entries):
+        raise typer.Exit(1)
+
+
+@app.command()
+def sweep(
+    config: Optional[Path] = typer.Argument(None, help="Run config with a sweep: section (not needed with --resume)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="Dotted overrides, e.g. sweep.trials=20"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this sweep directory (finished trials are kept)."),
+):
+    """Search hyperparameters with Optuna (TPE, median pruning); writes best_config.yaml and plots."""
+    from tunelab.sweep import run_sweep
+
+    # `tunelab sweep --resume DIR sweep.trials=12`: the override lands in the CONFIG slot.
+    if config is not None and "=" in config.name and not config.is_file():
+        overrides, config = [str(config), *(overrides or [])], None
+    _quiet_libraries()
+    sweep_dir = run_sweep(str(config) if config else None, overrides or [], str(resume) if resume else None, err)
+    out.print(f"sweep directory: {sweep_dir} (best_config.yaml, trials.csv, history.png, importance.png)")
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A run directory (finished, failed or still running).")):
+    """Write report.md and a self-contained report.html (plots embedded) into a run directory."""
+    from tunelab.report import write_run_report
+
+    md, html = write_run_report(run_dir)
+    out.print(f"report: {html} (and {md.name})")
+
+
+@app.command()
 def models():
     """List the bundled models (they work offline)."""
     from tunelab.models.registry import BUNDLED

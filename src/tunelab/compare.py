@@ -1,0 +1,120 @@
+"""`tunelab compare`: several techniques on the same data, seed and budget, and one report.
+
+The config is a normal run config plus a `compare:` section:
+
+    compare:
+      methods: [full, lora, dora, ia3, prompt, prefix, adapter]   # --methods on the command line wins
+      per_method:                                                  # partial sections merged over the base
+        lora:   {method: {rank: 8}}
+        prompt: {method: {num_virtual_tokens: 20}, train: {lr: 3.0e-2}}
+
+Every technique trains with the base config's data, seed and steps (its own default learning rate unless
+the base or per_method sets one), as a normal run with its own run directory inside the comparison
+directory. A technique that fails is reported with its error and the others still run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from rich.console import Console
+
+from tunelab.config import RunConfig, apply_overrides, method_names, validate_config
+from tunelab.errors import ConfigError, TunelabError
+
+
+class CompareSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    methods: list[str] = Field(default_factory=lambda: ["full", "lora"])
+    per_method: dict[str, dict] = Field(default_factory=dict)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def plan_comparison(path: str | Path, methods: list[str] | None, overrides: list[str]) -> tuple[dict[str, RunConfig], Path]:
+    """Validate everything up front: the comparison section and every technique's full run config.
+
+    A typo in the tenth technique's knobs should stop the comparison before the first one trains.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (task, model, data, ...)")
+    try:
+        section = CompareSection.model_validate(raw.pop("compare", None) or {})
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"{path}: config key 'compare.{key}': {first['msg']}") from None
+    raw = apply_overrides(raw, overrides)
+    chosen = methods or section.methods
+    known = method_names()
+    for name in list(chosen) + list(section.per_method):
+        if name not in known:
+            raise ConfigError(f"{path}: unknown method '{name}' in compare; choose from: {', '.join(known)}")
+    if len(set(chosen)) != len(chosen):
+        raise ConfigError(f"{path}: compare lists a method twice: {', '.join(chosen)}")
+
+    base_method = {k: v for k, v in (raw.get("method") or {}).items() if k != "name"}
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out_dir = Path((raw.get("output") or {}).get("dir", "runs"))
+    name = (raw.get("output") or {}).get("name") or f"compare-{stamp}"
+    compare_dir = out_dir / name
+    configs = {}
+    for method in chosen:
+        # The base's method knobs apply only to the method they were written for.
+        method_raw = base_method if (raw.get("method") or {}).get("name") == method else {}
+        run_raw = _merge(raw, {"method": {"name": method, **method_raw}})
+        run_raw = _merge(run_raw, section.per_method.get(method, {}))
+        run_raw["output"] = {"dir": str(compare_dir), "name": method}
+        try:
+            configs[method] = validate_config(run_raw)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: method '{method}': {err}") from None
+    return configs, compare_dir
+
+
+def run_comparison(path: str | Path, methods: list[str] | None, overrides: list[str], console: Console) -> tuple[Path, list[dict]]:
+    from tunelab.report import write_compare_report
+    from tunelab.train.run import run_training
+
+    configs, compare_dir = plan_comparison(path, methods, overrides)
+    if compare_dir.exists() and any(compare_dir.iterdir()):
+        raise TunelabError(f"{compare_dir} already exists; set output.name to a new name or remove it")
+    compare_dir.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i, (method, cfg) in enumerate(configs.items(), 1):
+        console.rule(f"[bold]{i}/{len(configs)}  {method}")
+        entry = {"method": method, "run_dir": str(compare_dir / method), "status": "completed", "error": None}
+        try:
+            run_training(cfg, console=console)
+        except KeyboardInterrupt:
+            raise
+        except Exception as err:  # one technique failing must not cost the others their results
+            entry.update(status="failed", error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            if not (compare_dir / method / "config.yaml").is_file():
+                entry["run_dir"] = None
+            console.print(f"[red]{method} failed:[/] {entry['error']}")
+        entries.append(entry)
+        (compare_dir / "entries.json").write_text(json.dumps(entries, indent=2))
+    write_compare_report(compare_dir, entries)
+    return compare_dir, entries
