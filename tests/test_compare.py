@@ -42,10 +42,19 @@ def test_every_technique_gets_the_same_data_seed_and_budget(compare_config):
         assert cfg.train.lr is None  # each technique keeps its own default learning rate
 
 
+def test_variants_of_one_technique_by_label(compare_config):
+    per = {f"lora-r{r}": {"method": {"name": "lora", "rank": r}} for r in (2, 16)}
+    configs, _ = plan_comparison(compare_config(compare={"methods": list(per), "per_method": per}), None, [])
+    assert {k: (c.method.name, c.method.rank, c.output.name) for k, c in configs.items()} == {
+        "lora-r2": ("lora", 2, "lora-r2"), "lora-r16": ("lora", 16, "lora-r16")
+    }
+
+
 @pytest.mark.parametrize(
     "compare, match",
     [
         ({"methods": ["full", "lora2"]}, "unknown method 'lora2'"),
+        ({"methods": ["v1"], "per_method": {"v1": {"method": {"name": "lorra"}}}}, "unknown method 'lorra'"),
         ({"methods": ["lora", "lora"]}, "lists a method twice"),
         ({"methods": ["lora"], "per_method": {"lora": {"method": {"rnk": 4}}}}, "method 'lora'.*'method.rnk' is not known"),
         ({"methodz": ["lora"]}, "compare.methodz"),

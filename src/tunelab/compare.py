@@ -8,6 +8,14 @@ The config is a normal run config plus a `compare:` section:
         lora:   {method: {rank: 8}}
         prompt: {method: {num_virtual_tokens: 20}, train: {lr: 3.0e-2}}
 
+An entry of `methods` can also be a label for a variant, whose per_method section names the technique:
+
+    compare:
+      methods: [lora-r4, lora-r64]
+      per_method:
+        lora-r4:  {method: {name: lora, rank: 4}}
+        lora-r64: {method: {name: lora, rank: 64}}
+
 Every technique trains with the base config's data, seed and steps (its own default learning rate unless
 the base or per_method sets one), as a normal run with its own run directory inside the comparison
 directory. A technique that fails is reported with its error and the others still run.
@@ -68,11 +76,17 @@ def plan_comparison(path: str | Path, methods: list[str] | None, overrides: list
     raw = apply_overrides(raw, overrides)
     chosen = methods or section.methods
     known = method_names()
-    for name in list(chosen) + list(section.per_method):
-        if name not in known:
-            raise ConfigError(f"{path}: unknown method '{name}' in compare; choose from: {', '.join(known)}")
     if len(set(chosen)) != len(chosen):
         raise ConfigError(f"{path}: compare lists a method twice: {', '.join(chosen)}")
+    techniques = {}
+    for label in dict.fromkeys(list(chosen) + list(section.per_method)):
+        name = ((section.per_method.get(label) or {}).get("method") or {}).get("name", label)
+        if name not in known:
+            raise ConfigError(
+                f"{path}: unknown method '{name}' in compare (a variant label needs per_method.{label}.method.name); "
+                f"choose from: {', '.join(known)}"
+            )
+        techniques[label] = name
 
     base_method = {k: v for k, v in (raw.get("method") or {}).items() if k != "name"}
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -80,16 +94,17 @@ def plan_comparison(path: str | Path, methods: list[str] | None, overrides: list
     name = (raw.get("output") or {}).get("name") or f"compare-{stamp}"
     compare_dir = out_dir / name
     configs = {}
-    for method in chosen:
-        # The base's method knobs apply only to the method they were written for.
-        method_raw = base_method if (raw.get("method") or {}).get("name") == method else {}
-        run_raw = _merge(raw, {"method": {"name": method, **method_raw}})
-        run_raw = _merge(run_raw, section.per_method.get(method, {}))
-        run_raw["output"] = {"dir": str(compare_dir), "name": method}
+    for label in chosen:
+        name = techniques[label]
+        # The base's method knobs apply only to the technique they were written for.
+        method_raw = base_method if (raw.get("method") or {}).get("name") == name else {}
+        run_raw = _merge(raw, {"method": {"name": name, **method_raw}})
+        run_raw = _merge(run_raw, section.per_method.get(label, {}))
+        run_raw["output"] = {"dir": str(compare_dir), "name": label}
         try:
-            configs[method] = validate_config(run_raw)
+            configs[label] = validate_config(run_raw)
         except ConfigError as err:
-            raise ConfigError(f"{path}: method '{method}': {err}") from None
+            raise ConfigError(f"{path}: method '{label}': {err}") from None
     return configs, compare_dir
 
 
