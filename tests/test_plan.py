@@ -13,7 +13,8 @@ from tunelab.train import flops
 from conftest import make_config, write_jsonl
 
 INSTRUCTIONS = [
-    {"instruction": f"Say the number {i} in words.", "input": "", "output": f"The number is {i}, " + "and so on " * (i % 7)}
+    {"instruction": f"Say the number {i} in words.", "input": "",
+     "output": f"The number is {i}, " + "and so on " * (i % 7)}
     for i in range(24)
 ]
 

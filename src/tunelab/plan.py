@@ -26,8 +26,20 @@ Evaluation passes (the untuned baseline, periodic validation) hold weights, opti
 activations; `peak_memory_bytes` is the larger of the two phases, in the units tunelab measures its runs in
 (process RSS on CPU, allocated tensor bytes on CUDA).
 
-Calibrated on this project's bundled models against measured runs (see tests/test_plan.py and the numbers in
-the module's commit message); within 30% of the measured peak for full fine-tuning and LoRA on both.
+Calibration: estimate vs. measured train.peak_memory_bytes (process RSS), 3-step runs of the bundled configs
+with data.max_train_samples=64 on a 2-core AVX2 CPU, fp32, torch 2.13, chunked LM loss:
+
+    run                                        estimate   measured   ratio
+    minilm-l6 LoRA   (examples/beginner/lora)   1.65 GB    1.91 GB   0.87
+    minilm-l6 full   (.../full-fine-tuning)     1.31 GB    1.43 GB   0.91
+    smollm2 LoRA     (configs/smollm2-alpaca)   9.16 GB    8.38 GB   1.09
+    smollm2 full     (same, method full)        6.41 GB    5.50 GB   1.16
+    smollm2 LoRA + gradient checkpointing       4.51 GB    4.40 GB   1.03
+
+The full-logits loss path (before task_models.lm_loss_sum) against the earlier runs/smollm2-alpaca, 30 steps:
+10.63 GB estimated, 10.59 GB measured, of which logits 1.6 GB, activations 4.5 GB and allocator slack 3.3 GB.
+Longer runs grow the CPU slack a little (lora-imdb, 125 steps: 1.65 vs 2.03 GB, 0.82). Not yet checked
+against a GPU or a bf16 run.
 """
 
 from __future__ import annotations
@@ -288,10 +300,14 @@ def _formula_counts(cfg: RunConfig, arch: Architecture, model, counts: Parameter
         counts.method_activation_elements = points * (h + 2 * bottleneck)  # adapter input, down output, act output
         counts.method_transient_elements = points * 2 * h  # up-projection output and its scaled copy
         counts.trainable_matmul = layers * points * 2 * h * bottleneck
-        counts.notes.append("adapter parameters by formula: layers x points x (2 h b + b + h), b = hidden/reduction_factor")
+        counts.notes.append(
+            "adapter parameters by formula: layers x points x (2 h b + b + h), b = hidden/reduction_factor"
+        )
     else:
         added = 0
-        counts.notes.append(f"method '{cfg.method.name}' not registered: trainable parameters unknown, counted as the head only")
+        counts.notes.append(
+            f"method '{cfg.method.name}' not registered: trainable parameters unknown, counted as the head only"
+        )
     counts.total = total + added
     counts.trainable = added + head
     counts.linear_weights = counts.matmul_body
@@ -321,7 +337,7 @@ def layer_activation_elements(arch: Architecture, kv_repeated: bool = True) -> f
                    gated: gate, act(gate), up, product             4 I
 
     MiniLM (BERT, h=384, I=4h): 16h, measured 16.4h. SmolLM2 (Llama, h=576, I=1536): 10h + 4I, measured
-    9% less (saved-tensor hooks on one fp32 training step, tensors deduplicated by storage).
+    6% less (saved-tensor hooks on one fp32 training step, tensors deduplicated by storage).
     """
     h, inter = arch.hidden, arch.intermediate
     kv = h if kv_repeated else arch.kv_dim
@@ -427,11 +443,12 @@ def data_shapes(cfg: RunConfig, tokenizer=None, features=None) -> Shapes:
 
 
 def _shapes_from_max_length(cfg: RunConfig, source: str) -> Shapes:
-    t, length = cfg.train, cfg.data.max_length
-    targets = t.batch_size * (length - 1) if cfg.task != "classification" else t.batch_size
+    t, e, length = cfg.train, cfg.eval, cfg.data.max_length
+    targets_per_row = length - 1 if cfg.task != "classification" else 1
+    has_eval = bool(cfg.data.test or cfg.data.validation)
     return Shapes(
-        train=[Batch(t.batch_size, _ceil8(length), targets)],
-        eval=[Batch(cfg.eval.batch_size, _ceil8(length), cfg.eval.batch_size * (length - 1))] if cfg.data.test or cfg.data.validation else [],
+        train=[Batch(t.batch_size, _ceil8(length), t.batch_size * targets_per_row)],
+        eval=[Batch(e.batch_size, _ceil8(length), e.batch_size * targets_per_row)] if has_eval else [],
         mean_tokens=float(length),
         target_fraction=1.0,
         source=source,
@@ -471,7 +488,8 @@ def _shapes_from_data(cfg: RunConfig, tokenizer, features) -> Shapes:
         if split:
             split_lengths = [len(f["input_ids"]) for f in split]
             first = eval_plan(split_lengths, cfg.eval.batch_size)[0]  # longest first: the largest batch
-            evals.append(Batch(len(first), _ceil8(max(split_lengths[i] for i in first)), sum(_targets(split[i]) for i in first)))
+            width = _ceil8(max(split_lengths[i] for i in first))
+            evals.append(Batch(len(first), width, sum(_targets(split[i]) for i in first)))
     real = sum(lengths)
     fraction = sum(targets) / max(real, 1) if cfg.task != "classification" else 0.0
     seen = "every micro-batch" if micro >= per_epoch else f"the first {micro} micro-batches"
@@ -551,18 +569,18 @@ def _train_activation_bytes(batch: Batch, arch: Architecture, counts: ParameterC
 
 
 def allocator_slack_bytes(batch: Batch, arch: Architecture, counts: ParameterCounts, precision: str,
-                          activation_bytes: float, device: str, training: bool = True,
-                          checkpointing: bool = False) -> float:
+                          activation_bytes: float, device: str, training: bool = True) -> float:
     """Freed memory the process keeps on CPU (see CPU_HEAP_SLACK_*); 0 on CUDA, whose peak counts live tensors.
-    Inference saves nothing between layers, so its temporaries reuse each other's holes; so does a
-    checkpointed forward, except in the one block being recomputed."""
+
+    Inference passes (evaluation) reuse their own holes. A gradient-checkpointed forward does not: measured on
+    SmolLM2 + LoRA (8 x 256 tokens), checkpointing cut the live tensors from ~5.5 GB to ~1.4 GB but left the
+    same ~2.7 GB of slack, so the technique's temporaries count for every layer either way."""
     if device != "cpu":
         return 0.0
     if not training:
         return CPU_HEAP_SLACK_OF_ACTIVATIONS * activation_bytes
     tokens = batch.rows * (batch.width + counts.virtual_tokens)
-    layers = 1 if checkpointing else arch.layers
-    transients = layers * tokens * counts.method_transient_elements * _elem_bytes(precision)
+    transients = arch.layers * tokens * counts.method_transient_elements * _elem_bytes(precision)
     return CPU_HEAP_SLACK_OF_ACTIVATIONS * activation_bytes + CPU_HEAP_SLACK_OF_TRANSIENTS * transients
 
 
@@ -624,7 +642,10 @@ def estimate(cfg: RunConfig, *, device=None, precision: str | None = None, token
     _, hf_config = load_hf_config(cfg.model)
     counts, arch = count_parameters_for(cfg, hf_config, num_labels)
     notes += counts.notes
-    shapes = data_shapes(cfg, tokenizer, features) if read_data else _shapes_from_max_length(cfg, "data.max_length (data not read)")
+    if read_data:
+        shapes = data_shapes(cfg, tokenizer, features)
+    else:
+        shapes = _shapes_from_max_length(cfg, "data.max_length (data not read)")
 
     weight_bytes = (counts.total - counts.quantized) * 4
     if counts.quantized:
@@ -647,7 +668,7 @@ def estimate(cfg: RunConfig, *, device=None, precision: str | None = None, token
             "activations": act,
             "logits": logits_bytes(batch.rows, batch.width + counts.virtual_tokens, batch.targets, arch, counts,
                                    precision, training=True),
-            "allocator": allocator_slack_bytes(batch, arch, counts, precision, act, dev, checkpointing=ckpt),
+            "allocator": allocator_slack_bytes(batch, arch, counts, precision, act, dev),
             "runtime": runtime,
         })
 
@@ -695,8 +716,10 @@ def estimate(cfg: RunConfig, *, device=None, precision: str | None = None, token
         "params": {"total": counts.total, "trainable": counts.trainable, "quantized": counts.quantized,
                    "source": counts.source},
         "shapes": {
-            "micro_batch": train_batch.rows, "seq_len": train_batch.width,
-            "eval_batch": eval_batch.rows if eval_batch else None, "eval_seq_len": eval_batch.width if eval_batch else None,
+            "micro_batch": train_batch.rows,
+            "seq_len": train_batch.width,
+            "eval_batch": eval_batch.rows if eval_batch else None,
+            "eval_seq_len": eval_batch.width if eval_batch else None,
             "mean_tokens": round(shapes.mean_tokens, 1), "source": shapes.source,
         },
         "memory": memory,

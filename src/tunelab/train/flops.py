@@ -46,7 +46,8 @@ GPU_PEAKS: list[tuple[str, dict[str, float]]] = [
     (r"V100", {"fp16": 125 * TFLOPS, "fp32": 15.7 * TFLOPS}),
     # Ada whitepaper (RTX 4090): FP16/BF16 tensor with FP32 accumulate (what torch uses) 165.2 dense,
     # TF32 82.6, FP32 82.6.
-    (r"RTX 4090(?! ?[DT])", {"bf16": 165.2 * TFLOPS, "fp16": 165.2 * TFLOPS, "tf32": 82.6 * TFLOPS, "fp32": 82.6 * TFLOPS}),
+    (r"RTX 4090(?! ?[DT])",
+     {"bf16": 165.2 * TFLOPS, "fp16": 165.2 * TFLOPS, "tf32": 82.6 * TFLOPS, "fp32": 82.6 * TFLOPS}),
     # Ampere GA102 whitepaper (RTX 3090): FP16/BF16 tensor with FP32 accumulate 71 dense, TF32 35.6, FP32 35.6.
     (r"RTX 3090(?! ?Ti)", {"bf16": 71 * TFLOPS, "fp16": 71 * TFLOPS, "tf32": 35.6 * TFLOPS, "fp32": 35.6 * TFLOPS}),
 ]
@@ -95,7 +96,8 @@ def cpu_clock_hz() -> float | None:
         return None
 
 
-def cpu_flops_per_cycle(precision: str, flags: frozenset[str] | None = None, vendor: str = "", family: int = 0) -> int | None:
+def cpu_flops_per_cycle(precision: str, flags: frozenset[str] | None = None, vendor: str = "",
+                        family: int = 0) -> int | None:
     """FLOPs one core retires per cycle at `precision`, from the widest vector/matrix ISA it has.
 
     fp32: 2 FMA units x vector lanes x 2 (an FMA is two FLOPs): AVX-512 16 lanes -> 64, AVX2+FMA 8 lanes -> 32.
