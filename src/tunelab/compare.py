@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -32,7 +34,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.console import Console
 
-from tunelab.config import RunConfig, apply_overrides, method_names, validate_config
+from tunelab.config import RunConfig, apply_overrides, dump_config, method_names, validate_config
 from tunelab.errors import ConfigError, TunelabError
 
 
@@ -109,27 +111,58 @@ def plan_comparison(path: str | Path, methods: list[str] | None, overrides: list
 
 
 def run_comparison(path: str | Path, methods: list[str] | None, overrides: list[str], console: Console) -> tuple[Path, list[dict]]:
+    """Each technique trains in its own process (`python -m tunelab train`): peak memory is a process-lifetime
+    high-water mark (RSS on CPU), so runs sharing one process would each report the largest so far. A crash
+    (out of memory included) also stays inside its own technique's row."""
     from tunelab.report import write_compare_report
-    from tunelab.train.run import run_training
 
     configs, compare_dir = plan_comparison(path, methods, overrides)
     if compare_dir.exists() and any(compare_dir.iterdir()):
         raise TunelabError(f"{compare_dir} already exists; set output.name to a new name or remove it")
     compare_dir.mkdir(parents=True, exist_ok=True)
     entries = []
-    for i, (method, cfg) in enumerate(configs.items(), 1):
-        console.rule(f"[bold]{i}/{len(configs)}  {method}")
-        entry = {"method": method, "run_dir": str(compare_dir / method), "status": "completed", "error": None}
-        try:
-            run_training(cfg, console=console)
-        except KeyboardInterrupt:
-            raise
-        except Exception as err:  # one technique failing must not cost the others their results
-            entry.update(status="failed", error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
-            if not (compare_dir / method / "config.yaml").is_file():
+    for i, (label, cfg) in enumerate(configs.items(), 1):
+        console.rule(f"[bold]{i}/{len(configs)}  {label}")
+        config_path = compare_dir / f"{label}.yaml"
+        config_path.write_text(dump_config(cfg), encoding="utf-8")
+        entry = {"method": label, "run_dir": str(compare_dir / label), "status": "completed", "error": None}
+        code, last_error = _train_in_subprocess(config_path)
+        if code != 0:
+            entry.update(status="failed", error=_failure(compare_dir / label, code, last_error))
+            if not (compare_dir / label / "config.yaml").is_file():
                 entry["run_dir"] = None
-            console.print(f"[red]{method} failed:[/] {entry['error']}")
+            console.print(f"[red]{label} failed:[/] {entry['error']}")
         entries.append(entry)
         (compare_dir / "entries.json").write_text(json.dumps(entries, indent=2))
     write_compare_report(compare_dir, entries)
     return compare_dir, entries
+
+
+def _train_in_subprocess(config_path: Path) -> tuple[int, str | None]:
+    """Run `tunelab train CONFIG`, passing its output through; return (exit code, its last `error:` line)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tunelab", "train", str(config_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+    )
+    last_error = None
+    try:
+        for line in proc.stdout:
+            sys.stderr.write(line)
+            if line.startswith("error:") or "Error:" in line:
+                last_error = line.strip()
+        return proc.wait(), last_error
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait()
+        raise
+
+
+def _failure(run_dir: Path, code: int, last_error: str | None) -> str:
+    manifest = run_dir / "manifest.json"
+    if manifest.is_file():
+        error = json.loads(manifest.read_text()).get("error")
+        if error:
+            return error.splitlines()[0]
+    if last_error:
+        return last_error.removeprefix("error:").strip()
+    return f"exited with status {code}" + (" (killed: out of memory?)" if code in (-9, 137) else "")
