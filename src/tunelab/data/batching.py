@@ -42,7 +42,12 @@ def eval_plan(lengths: list[int], batch_size: int) -> list[list[int]]:
 
 
 def collate(features: list[dict], pad_id: int, multiple: int = 8) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sequence in the batch, rounded up to `multiple`."""
+    """Right-pad to the longest sequence in the batch, rounded up to `multiple`.
+
+    Packed rows (data/packing.py) also carry `position_ids`; the padding gets positions 0, 1, ... of its own,
+    so the packed-sequence mask sees it as one more sequence, and causal attention never lets a real token
+    look ahead into it.
+    """
     longest = max(len(f["input_ids"]) for f in features)
     width = -(-longest // multiple) * multiple
     input_ids = torch.full((len(features), width), pad_id, dtype=torch.long)
@@ -57,4 +62,9 @@ def collate(features: list[dict], pad_id: int, multiple: int = 8) -> dict[str, t
             labels[row, :n] = torch.tensor(f["labels"])
     if not token_labels:
         labels = torch.tensor([f["labels"] for f in features], dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if "position_ids" in features[0]:
+        batch["position_ids"] = torch.tensor(
+            [f["position_ids"] + list(range(width - len(f["position_ids"]))) for f in features], dtype=torch.long
+        )
+    return batch

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from tunelab.config import RunConfig
 from tunelab.data.examples import Splits
+from tunelab.data.packing import pack_features
 from tunelab.data.templates import choose_template
 from tunelab.data.tokenize import tokenize_causal_lm, tokenize_classification, tokenize_instruction
 
@@ -54,4 +55,13 @@ def tokenize_splits(splits: Splits, cfg: RunConfig, tokenizer) -> Features:
             n_trunc = sum(len(f["input_ids"]) >= max_length for f in feats)
             mean_len = sum(len(f["input_ids"]) for f in feats) / len(feats)
             features.notes.append(f"{name}: {len(feats)} examples, mean {mean_len:.0f} tokens, {n_trunc} at max_length")
+    if cfg.data.packing and features.train:
+        # Training only: evaluation stays one example per row, so its loss compares with unpacked runs.
+        n_examples, n_tokens = len(features.train), sum(len(f["input_ids"]) for f in features.train)
+        features.train = pack_features(features.train, max_length)
+        fill = n_tokens / (len(features.train) * max_length)
+        features.notes.append(
+            f"train: packed {n_examples} examples into {len(features.train)} rows of up to {max_length} tokens "
+            f"({fill:.0%} full); train.batch_size now counts rows"
+        )
     return features
