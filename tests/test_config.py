@@ -7,8 +7,20 @@ from conftest import REPO, make_config
 
 
 def test_shipped_configs_load():
+    """Every config we ship validates: run configs, comparison files and sweep files alike."""
+    import yaml
+
+    from tunelab.compare import plan_comparison
+    from tunelab.sweep import load_sweep
+
     for path in sorted([*(REPO / "configs").glob("*.yaml"), *(REPO / "examples").rglob("*.yaml")]):
-        load_config(path)
+        raw = yaml.safe_load(path.read_text())
+        if "compare" in raw:
+            plan_comparison(path, None, [])
+        elif "sweep" in raw:
+            load_sweep(str(path))
+        elif "task" in raw:
+            load_config(path)
 
 
 def test_dotted_overrides_are_typed():

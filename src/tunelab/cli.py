@@ -192,6 +192,20 @@ def compare(
 
 
 @app.command()
+def plan(
+    config: Path = typer.Argument(..., help="Run config YAML."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="Dotted overrides, e.g. train.batch_size=32"),
+):
+    """Estimate a run's peak memory (weights, gradients, optimizer, activations) and FLOPs/token before training."""
+    from tunelab.config import load_config
+    from tunelab.plan import estimate, format_plan
+
+    cfg = load_config(config, overrides or [])
+    _quiet_libraries()
+    out.print(format_plan(estimate(cfg)), highlight=False, markup=False)
+
+
+@app.command()
 def sweep(
     config: Optional[Path] = typer.Argument(None, help="Run config with a sweep: section (not needed with --resume)."),
     overrides: Optional[list[str]] = typer.Argument(None, help="Dotted overrides, e.g. sweep.trials=20"),

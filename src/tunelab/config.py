@@ -210,6 +210,11 @@ class RunConfig(_Section):
             raise ValueError("model.pooling applies to classification only")
         if self.data.validation and self.data.validation_split:
             raise ValueError("set data.validation or data.validation_split, not both")
+        if self.data.packing and self.task == "classification":
+            raise ValueError("data.packing applies to causal_lm and instruction tasks only")
+        if self.data.packing and self.method.name in ("prompt", "prefix"):
+            # PEFT drops position_ids for prompt tuning, and prefix tuning's cache disables the packed mask.
+            raise ValueError(f"data.packing cannot be used with method '{self.method.name}'")
         return self
 
 
@@ -283,6 +288,8 @@ def _one_line(err: ValidationError) -> str:
         return f"config key '{key}' is not known; valid keys here: {valid}"
     if first["type"] == "union_tag_invalid":
         return f"config key '{key}.name': unknown method {first['input'].get('name')!r}; choose one of: {', '.join(method_names())}"
+    if first["type"] == "value_error":  # a cross-check of several keys: its message names them
+        return f"{'config key ' + repr(key) if loc else 'config'}: {first['msg'].removeprefix('Value error, ')}"
     if first["type"] == "missing":
         return f"config key '{key}' is required"
     return f"config key '{key}': {first['msg']} (got {first.get('input')!r})"

@@ -66,6 +66,9 @@ class SequenceClassifier(nn.Module):
 
     def forward(self, input_ids, attention_mask, labels=None, **_) -> TaskOutput:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        # Prompt tuning prepends its virtual tokens to the sequence: pool over the real tokens only (they
+        # have attended to the virtual ones).
+        hidden = hidden[:, hidden.size(1) - attention_mask.size(1):]
         logits = self.head(self.dropout(pool(hidden, attention_mask, self.pooling)).to(self.head.weight.dtype))
         if labels is None:
             return TaskOutput(logits)
