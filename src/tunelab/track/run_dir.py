@@ -61,7 +61,8 @@ def _git_commit() -> str | None:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    # The temp name is per process: under `accelerate launch` two processes may record a failure at once.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str))
     os.replace(tmp, path)
 
@@ -72,6 +73,8 @@ class RunDir:
 
     @classmethod
     def create(cls, cfg: RunConfig, hardware: dict) -> RunDir:
+        """Make a new run directory. Under `accelerate launch` call it on the main process only and share the
+        path (train/distributed.py `on_main_then_share`): the default name holds a timestamp."""
         name = cfg.output.name or "{}-{}-{}".format(
             Path(cfg.model.name).name, cfg.method.name, datetime.now().strftime("%Y%m%d-%H%M%S")
         )

@@ -7,6 +7,7 @@ precision and the distributed wrappers, so the same loop runs on one CPU core or
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -14,21 +15,23 @@ import shutil
 import time
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 from rich.console import Console
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tunelab.config import RunConfig
 from tunelab.data.examples import Splits
 from tunelab.data.pipeline import Features, tokenize_splits
 from tunelab.data.batching import batch_plan, collate
-from tunelab.errors import DataError
+from tunelab.errors import ConfigError, DataError, TunelabError
 from tunelab.evaluate.runner import evaluate_classification, evaluate_lm, generate, instruction_prompts
 from tunelab.methods import count_parameters, get_method
 from tunelab.models.loading import load_task_model
 from tunelab.track.run_dir import RunDir
 from tunelab.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from tunelab.train.hardware import describe, peak_memory_bytes, resolve_precision, usable_cores
+from tunelab.train.distributed import accelerator_cpu_flag, join_processes, launched_with, threads_per_process
+from tunelab.train.hardware import describe, peak_memory_bytes, resolve_precision
 from tunelab.train.optim import build_optimizer, build_scheduler
 from tunelab.train.progress import TrainProgress
 
@@ -50,13 +53,43 @@ class FineTune:
 
     def setup(self, resume: bool = False) -> None:
         cfg = self.cfg
-        torch.set_num_threads(usable_cores())
+        torch.set_num_threads(threads_per_process())
         set_seed(cfg.train.seed)
         self.precision = resolve_precision(cfg.train.precision)
-        self.accelerator = Accelerator(mixed_precision=MIXED_PRECISION[self.precision], cpu=not torch.cuda.is_available())
+        # Parts of a backbone the task never uses (BERT's pooler under mean pooling) get no gradient; DDP must
+        # be told, or it stops at step 2 waiting for them. The cost is one walk of the autograd graph per step.
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+        join_processes()
+        self.accelerator = Accelerator(
+            mixed_precision=MIXED_PRECISION[self.precision], cpu=accelerator_cpu_flag(), kwargs_handlers=[ddp]
+        )
         self.device = self.accelerator.device
+        kind = self.accelerator.distributed_type
+        if launched_with("FSDP") and kind != DistributedType.FSDP:
+            self.console.print(f"[yellow]FSDP was asked for, but Accelerate shards only on GPUs: this run is {kind.value} "
+                               "(plain data parallel: every process holds the whole model)[/]")
+        # FSDP and DeepSpeed hold weights or optimizer state in shards; checkpoint.py saves whole ones.
+        if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED) and cfg.train.save_every:
+            raise ConfigError(
+                f"train.save_every: resumable checkpoints are written for one process or DDP, not under "
+                f"{kind.value}; set train.save_every=null or launch with DDP"
+            )
+        # DeepSpeed divides each micro-batch loss by its gradient_accumulation_steps; undo that, the loss is
+        # already normalised by the whole step's count (see train()).
+        self.loss_multiplier = cfg.train.grad_accum if kind == DistributedType.DEEPSPEED else 1
+        if kind == DistributedType.DEEPSPEED:
+            self._configure_deepspeed()
 
         self.method = get_method(cfg.method.name)
+        # FSDP and ZeRO-3 leave each process a shard of every weight: saving must gather them (see save()).
+        self.gather_on_save = kind == DistributedType.FSDP or (
+            kind == DistributedType.DEEPSPEED and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        )
+        if self.gather_on_save and "state_dict" not in inspect.signature(self.method.save).parameters:
+            raise ConfigError(
+                f"method.name '{cfg.method.name}' cannot yet save weights gathered from {kind.value} shards; "
+                "launch with DDP or DeepSpeed ZeRO-2 (configs/accelerate/ddp.yaml, deepspeed-zero2.yaml)"
+            )
         model, self.tokenizer, _ = load_task_model(
             cfg.model, cfg.task, num_labels=len(self.splits.labels),
             pretrained_kwargs=self.method.pretrained_kwargs(cfg.method, self.precision),
@@ -80,22 +113,36 @@ class FineTune:
         optimizer = build_optimizer(model, self.lr, cfg.train.weight_decay)
         self.total_steps = self._total_steps()
         self.scheduler = build_scheduler(optimizer, cfg.train.scheduler, self.total_steps, cfg.train.warmup_ratio)
+        # FSDP shards each transformer block as its own unit, found through _no_split_modules; the task wrapper
+        # has none of its own, so it lends the backbone's (else FSDP makes one unit of the whole model).
+        model._no_split_modules = getattr(model.backbone, "_no_split_modules", None)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
 
         if resume:
             checkpoints = list_checkpoints(self.run.checkpoint_dir)
             if checkpoints:
                 self.state = load_checkpoint(checkpoints[-1], self._unwrapped(), self.optimizer, self.scheduler)
+                saved_world = self.state.get("num_processes", 1)
+                if saved_world != self.accelerator.num_processes:
+                    # The batch plan depends on the process count: another count would replay other examples.
+                    raise TunelabError(
+                        f"--resume: {checkpoints[-1]} was written by {saved_world} process(es); "
+                        f"launch it with {saved_world}, not {self.accelerator.num_processes}"
+                    )
                 self.console.print(f"[bold]resumed[/] from {checkpoints[-1]} (step {self.state['step']})")
             else:
                 self.console.print(f"[yellow]no checkpoint in {self.run.checkpoint_dir}; starting from step 0[/]")
-        self.run.update_manifest(
-            precision=self.precision,
-            lr=self.lr,
-            trainable_params=self.trainable_params,
-            total_params=self.total_params,
-            hardware=describe(),
-        )
+        self.state["num_processes"] = self.accelerator.num_processes
+        if self.accelerator.is_main_process:
+            self.run.update_manifest(
+                precision=self.precision,
+                lr=self.lr,
+                trainable_params=self.trainable_params,
+                total_params=self.total_params,
+                hardware=describe(),
+                num_processes=self.accelerator.num_processes,
+                distributed_type=self.accelerator.distributed_type.value,
+            )
         self.console.print(
             f"model {cfg.model.name} ({cfg.task}), method {cfg.method.name}: "
             f"{self.trainable_params:,} of {self.total_params:,} parameters trainable "
@@ -103,12 +150,28 @@ class FineTune:
             f"{self.total_steps} steps"
         )
 
+    def _configure_deepspeed(self) -> None:
+        """DeepSpeed sizes its buffers and runs accumulation and clipping itself, from its own config: fill it
+        from train.* (with no DataLoader to read the batch size from, prepare() would refuse to start)."""
+        t, world = self.cfg.train, self.accelerator.num_processes
+        ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = t.batch_size
+        ds["gradient_accumulation_steps"] = t.grad_accum
+        ds["train_batch_size"] = t.batch_size * t.grad_accum * world
+        ds["gradient_clipping"] = t.max_grad_norm or 0.0
+        if ds.get("zero_optimization", {}).get("stage") == 3:
+            # Without it get_state_dict cannot gather the ZeRO-3 shards into whole weights at save time.
+            ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+
     def _unwrapped(self):
         return self.accelerator.unwrap_model(self.model)
 
     def _micro_batches_per_epoch(self) -> int:
-        per_rank = len(self.lengths) // self.accelerator.num_processes
-        return max(1, math.ceil(per_rank / self.cfg.train.batch_size))
+        """Global batches in an epoch's plan (see _micro_batches): full ones, plus a last one if every process
+        gets an example of it."""
+        world = self.accelerator.num_processes
+        full, rest = divmod(len(self.lengths), self.cfg.train.batch_size * world)
+        return max(1, full + (rest >= world))
 
     def _total_steps(self) -> int:
         t = self.cfg.train
@@ -121,15 +184,18 @@ class FineTune:
     def _micro_batches(self):
         """Yield (epoch, index in epoch, batch) from the saved position onwards, forever.
 
-        Each rank takes every num_processes-th batch of the same seeded plan; the plan is cut to a multiple
-        of num_processes so all ranks run the same number of steps.
+        The seeded plan is one of global batches, batch_size x num_processes examples each, and process r
+        takes the r-th slice of each. So N processes at batch_size B see, step by step, exactly the examples
+        one process sees at batch_size N x B (length grouping and the short last batch included), and the
+        loss normalisation in train() makes their gradients equal too. A last batch smaller than the process
+        count is dropped: every process must run every step.
         """
         t = self.cfg.train
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         epoch, start = self.state["epoch"], self.state["batch_in_epoch"]
         while True:
-            plan = batch_plan(self.lengths, t.batch_size, t.seed, epoch, t.group_by_length)
-            plan = plan[: len(plan) // world * world][rank::world]
+            plan = batch_plan(self.lengths, t.batch_size * world, t.seed, epoch, t.group_by_length)
+            plan = [b[rank * len(b) // world : (rank + 1) * len(b) // world] for b in plan if len(b) >= world]
             for i in range(start, len(plan)):
                 batch = collate([self.features.train[j] for j in plan[i]], self.tokenizer.pad_token_id)
                 yield epoch, i, {k: v.to(self.device) for k, v in batch.items()}
@@ -157,18 +223,25 @@ class FineTune:
                 counts = [self._loss_count(b) for _, _, b in group]
                 # The step's loss is sum(loss) / (targets across all micro-batches and all ranks). DDP averages
                 # gradients over ranks, so multiplying by world size leaves exactly sum / global count.
-                global_count = acc.reduce(torch.stack(counts).sum(), reduction="sum").clamp(min=1)
-                scale = acc.num_processes / global_count
+                global_count = acc.reduce(torch.stack(counts).sum(), reduction="sum")
+                scale = acc.num_processes / global_count.clamp(min=1)
+                step_loss_sum, step_tokens = 0.0, 0
                 for i, (_, _, batch) in enumerate(group):
                     sync = i == len(group) - 1
+                    acc.sync_gradients = sync  # DeepSpeed reduces and steps only when this is set
                     with contextlib.nullcontext() if sync else acc.no_sync(self.model):
                         out = self.model(**batch)
-                        acc.backward(out.loss_sum * scale)
-                    window["loss_sum"] += float(out.loss_sum.detach())
-                    window["count"] += int(counts[i])
-                    tokens = int(batch["attention_mask"].sum())
-                    window["tokens"] += tokens
-                    self.state["real_tokens"] += tokens
+                        acc.backward(out.loss_sum * scale * self.loss_multiplier)
+                    step_loss_sum += float(out.loss_sum.detach())
+                    step_tokens += int(batch["attention_mask"].sum())
+                # Each process saw only its slice: sum the slices, so loss and tokens/s describe the whole step.
+                step_loss_sum, step_tokens = acc.reduce(
+                    torch.tensor([step_loss_sum, step_tokens], dtype=torch.float64, device=self.device), reduction="sum"
+                ).tolist()
+                window["loss_sum"] += step_loss_sum
+                window["count"] += int(global_count)
+                window["tokens"] += int(step_tokens)
+                self.state["real_tokens"] += int(step_tokens)
                 grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm else None
                 self.optimizer.step()
                 self.scheduler.step()
@@ -212,7 +285,8 @@ class FineTune:
 
     def _log_eval(self, progress) -> None:
         metrics = self.evaluate(self.features.validation)
-        self.run.log({"step": self.state["step"], "split": "validation", **_flat(metrics)})
+        if self.accelerator.is_main_process:
+            self.run.log({"step": self.state["step"], "split": "validation", **_flat(metrics)})
         progress.note(f"step {self.state['step']} validation " + _headline(metrics))
         if self.on_eval is not None:
             self.on_eval(self.state["step"], metrics)
@@ -229,26 +303,44 @@ class FineTune:
     # ------------------------------------------------------------------ save
 
     def save(self) -> None:
-        """Write the trained artifact to run/model, through a temp folder renamed into place."""
-        if not self.accelerator.is_main_process:
-            return
-        model = self._unwrapped()
-        final = self.run.model_dir
-        tmp = final.with_name(".model.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        self.method.save(model.backbone, tmp / "backbone")
-        if hasattr(model, "head"):
-            save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, tmp / "head.safetensors")
-            (self.run.path / "labels.json").write_text(json.dumps(self.splits.labels))
-        self.tokenizer.save_pretrained(tmp / "tokenizer")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        """Write the trained artifact to run/model, through a temp folder renamed into place.
+
+        Under FSDP or ZeRO-3 each process holds a shard of every weight: get_state_dict gathers the whole
+        weights (every process must take part) and the main process writes them. Saving the sharded module
+        as it is writes empty or truncated adapter files without an error (trl#4416, peft#2892), so what was
+        written is checked before the run may complete.
+        """
+        acc = self.accelerator
+        state = acc.get_state_dict(self.model) if self.gather_on_save else None
+        if acc.is_main_process:
+            model = self._unwrapped()
+            final = self.run.model_dir
+            tmp = final.with_name(".model.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            if state is None:
+                self.method.save(model.backbone, tmp / "backbone")
+                head = model.head.state_dict() if hasattr(model, "head") else {}
+            else:
+                backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+                self.method.save(model.backbone, tmp / "backbone", state_dict=backbone)
+                head = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
+            if hasattr(model, "head"):
+                save_file({k: v.contiguous() for k, v in head.items()}, tmp / "head.safetensors")
+                (self.run.path / "labels.json").write_text(json.dumps(self.splits.labels))
+            _check_weight_files(tmp)
+            self.tokenizer.save_pretrained(tmp / "tokenizer")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        acc.wait_for_everyone()
 
     # ------------------------------------------------------------------ evaluate
 
     def evaluate(self, features: list[dict]) -> dict:
+        """Every process evaluates the whole set; the main one records it. Under FSDP2 and ZeRO-3 each
+        forward gathers the sharded weights, so all processes must take part; under DDP the others would
+        only wait. (Sharding the set across processes would be N times faster; not needed yet.)"""
         e = self.cfg.eval
         model = self._unwrapped()
         pad = self.tokenizer.pad_token_id
@@ -284,6 +376,27 @@ class FineTune:
             "lr": self.lr,
             "num_processes": self.accelerator.num_processes,
         }
+
+
+def _check_weight_files(folder) -> None:
+    """Refuse a saved model with a weight file that holds no tensors or a zero-sized one.
+
+    A sharded save (FSDP, ZeRO-3) that skipped the gather writes exactly that, and nothing fails until
+    someone loads the adapter: a run that completes with it is worse than one that fails here.
+    """
+    files = sorted(folder.rglob("*.safetensors"))
+    if not files:
+        raise TunelabError(f"{folder}: saving wrote no .safetensors weights")
+    for f in files:
+        with safe_open(f, framework="pt") as weights:
+            names = list(weights.keys())
+            empty = [n for n in names if math.prod(weights.get_slice(n).get_shape()) == 0]
+        if not names or empty:
+            what = f"zero-sized tensors, e.g. {empty[0]}" if empty else "no tensors"
+            raise TunelabError(
+                f"{f.relative_to(folder)} was saved with {what}, so the run is not complete (under FSDP or "
+                "ZeRO-3 this means the weights were not gathered from the processes that hold them)"
+            )
 
 
 def _flat(metrics: dict) -> dict:

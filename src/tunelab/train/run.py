@@ -27,8 +27,16 @@ def resume_config(run_dir: str) -> RunConfig:
 def run_training(
     cfg: RunConfig, resume_dir: str | None = None, console: Console | None = None, on_eval=None
 ) -> tuple[RunDir, dict]:
-    """Train, save and evaluate one run. on_eval(step, metrics) sees each periodic validation (see FineTune)."""
+    """Train, save and evaluate one run. on_eval(step, metrics) sees each periodic validation (see FineTune).
+
+    Under `accelerate launch` every process runs this; only the main one prints and writes the run directory
+    (see train/distributed.py).
+    """
+    from tunelab.train.distributed import is_main_process
+
     console = console or Console(stderr=True)
+    if not is_main_process():
+        console = Console(stderr=True, quiet=True)
     started = time.perf_counter()
     # Every data check runs here, before a model is loaded or a run directory exists.
     splits = load_splits(cfg.data, cfg.task, cfg.train.seed)
@@ -42,6 +50,7 @@ def run_training(
     # Heavy imports (torch, transformers) only after the data passed: a bad line is reported in seconds.
     from tunelab.methods import get_method
     from tunelab.models.loading import load_hf_config, quiet_transformers
+    from tunelab.train.distributed import on_main_then_share
     from tunelab.train.hardware import describe
     from tunelab.train.loop import FineTune
 
@@ -49,7 +58,7 @@ def run_training(
     # An unknown model name, or a technique that cannot apply to it, fails here: before a run directory exists.
     _, hf_config = load_hf_config(cfg.model)
     get_method(cfg.method.name).check(cfg.method, hf_config, cfg.task)
-    run = RunDir(resume_dir) if resume_dir else RunDir.create(cfg, describe())
+    run = RunDir(resume_dir) if resume_dir else on_main_then_share(lambda: RunDir.create(cfg, describe()))
     console.print(f"run   {run.path}")
     try:
         recipe = FineTune(cfg, splits, run, console, on_eval=on_eval)
@@ -70,11 +79,17 @@ def run_training(
             metrics["samples"] = samples
             metrics["samples_stopped_at_eos"] = _eos_rate(samples)
         metrics["total_wall_s"] = round(time.perf_counter() - started, 2)
-        run.finish(metrics)
+        if is_main_process():
+            run.finish(metrics)
     except BaseException as err:
-        run.fail(err)
+        # The main process records its failure. Another records its own only if none is recorded yet: when it
+        # fails first, the launcher kills the main process mid-step, which would leave the run "running"
+        # forever; when the main one failed first, the others only see their connection to it close.
+        if is_main_process() or run.manifest().get("status") == "running":
+            run.fail(err)
         raise
-    _write_report(run, console)
+    if is_main_process():
+        _write_report(run, console)
     return run, metrics
 
 
@@ -108,7 +123,10 @@ def _baseline(recipe, run: RunDir, console: Console) -> dict | None:
     if samples:
         metrics["samples"] = samples
         metrics["samples_stopped_at_eos"] = _eos_rate(samples)
-    path.write_text(json.dumps(metrics))
+    # Every process evaluated (see FineTune.evaluate); none may see the file before all have checked for it.
+    recipe.accelerator.wait_for_everyone()
+    if recipe.accelerator.is_main_process:
+        path.write_text(json.dumps(metrics))
     return metrics
 
 
