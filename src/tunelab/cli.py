@@ -46,8 +46,11 @@ def train(
         raise TunelabError("a resumed run keeps its own config.yaml: give --resume RUN_DIR alone")
     cfg = resume_config(str(resume)) if resume else load_config(config, overrides or [])
     run, metrics = run_training(cfg, str(resume) if resume else None, err)
-    _print_metrics(metrics, run.labels())
-    out.print(f"run directory: {run.path}")
+    from tunelab.train.distributed import is_main_process
+
+    if is_main_process():  # under accelerate launch, one table, not one per process
+        _print_metrics(metrics, run.labels())
+        out.print(f"run directory: {run.path}")
 
 
 def _format_value(value) -> str:

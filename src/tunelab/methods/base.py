@@ -47,7 +47,8 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
+        n = getattr(p, "ds_numel", p.numel())  # DeepSpeed ZeRO-3 leaves an empty placeholder in p
+        total += n
         if p.requires_grad:
-            trainable += p.numel()
+            trainable += n
     return trainable, total

@@ -31,6 +31,8 @@ from tunelab.models.loading import load_task_model
 from tunelab.track.run_dir import RunDir
 from tunelab.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from tunelab.train.distributed import accelerator_cpu_flag, join_processes, launched_with, threads_per_process
+from tunelab.plan import estimate
+from tunelab.train.flops import mfu, peak_flops
 from tunelab.train.hardware import describe, peak_memory_bytes, resolve_precision
 from tunelab.train.optim import build_optimizer, build_scheduler
 from tunelab.train.progress import TrainProgress
@@ -109,6 +111,10 @@ class FineTune:
         if len(self.lengths) < self.accelerator.num_processes:
             raise DataError(f"{cfg.data.train}: {len(self.lengths)} training rows for {self.accelerator.num_processes} processes")
 
+        # The preflight estimate, recorded beside the measured peak so every run shows how far to trust it.
+        self.plan = estimate(cfg, device=self.device, precision=self.precision, tokenizer=self.tokenizer,
+                             features=self.features, num_labels=max(len(self.splits.labels), 2))
+
         self.lr = cfg.train.lr or self.method.default_lr
         optimizer = build_optimizer(model, self.lr, cfg.train.weight_decay)
         self.total_steps = self._total_steps()
@@ -147,7 +153,7 @@ class FineTune:
             f"model {cfg.model.name} ({cfg.task}), method {cfg.method.name}: "
             f"{self.trainable_params:,} of {self.total_params:,} parameters trainable "
             f"({100 * self.trainable_params / self.total_params:.2f}%), precision {self.precision}, lr {self.lr:g}, "
-            f"{self.total_steps} steps"
+            f"{self.total_steps} steps, estimated peak memory {self.plan['peak_memory_bytes'] / 1e9:.2f} GB"
         )
 
     def _configure_deepspeed(self) -> None:
@@ -375,6 +381,12 @@ class FineTune:
             "precision": self.precision,
             "lr": self.lr,
             "num_processes": self.accelerator.num_processes,
+            "estimated_peak_memory_bytes": self.plan["peak_memory_bytes"],
+            "flops_per_token": self.plan["flops_per_token"]["train"],
+            # Per device: real_tokens counts every process's tokens, so one device's share against its peak.
+            "mfu": mfu(self.plan["flops_per_token"]["train"],
+                       self.state["real_tokens"] / wall / self.accelerator.num_processes if wall else None,
+                       peak_flops(self.device, self.precision)),
         }
 
 

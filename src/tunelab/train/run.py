@@ -66,7 +66,7 @@ def run_training(
         baseline = _baseline(recipe, run, console)
         recipe.train()
         recipe.save()
-        metrics: dict = {"train": recipe.train_metrics()}
+        metrics: dict = {"train": recipe.train_metrics(), "plan": recipe.plan}
         if recipe.features.test:
             console.print("eval  test set ...")
             metrics["eval"] = recipe.evaluate(recipe.features.test)
