@@ -1,0 +1,86 @@
+"""The benchmark scripts' own logic (arguments, tables), fast; one end-to-end smoke run marked slow."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+vs = _load("vs_hf_trainer")
+
+
+def _row(tokens_per_s: float, wall: float, peak: int, accuracy: float = 0.8) -> dict:
+    return {"precision": "fp32", "trainable_params": 1000, "steps": 3, "real_tokens": int(tokens_per_s * wall),
+            "real_tokens_per_s": tokens_per_s, "wall_s": wall, "peak_memory_bytes": peak,
+            "eval": {"accuracy": accuracy}, "mfu": None}
+
+
+def test_every_child_gets_the_parents_budget():
+    args = vs.parse_args(["--workload", "alpaca", "--smoke", "--lora-targets", "q_proj,v_proj", "--seed", "7"])
+    assert (args.train_samples, args.eval_samples, args.max_steps) == (32, 32, 3)
+    child = vs.parse_args(vs.child_argv(args, "hf-best", Path("r.json"))[2:])
+    for key in ("workload", "train_samples", "eval_samples", "epochs", "max_steps", "batch_size", "seed",
+                "lora_rank", "lora_alpha", "lora_dropout", "lora_targets"):
+        assert getattr(child, key) == getattr(args, key), key
+    assert child.one == "hf-best"
+
+
+def test_workload_defaults_fill_what_is_not_given():
+    args = vs.parse_args(["--workload", "imdb-512"])
+    w = vs.WORKLOADS["imdb-512"]
+    assert (args.train_samples, args.batch_size, args.lora_targets, args.max_steps) == (
+        w.train_samples, w.batch_size, w.lora_targets, None)
+
+
+def test_unknown_setup_is_refused():
+    with pytest.raises(SystemExit):
+        vs.parse_args(["--setups", "tunelab,trl"])
+
+
+def test_ratios_are_tunelab_over_each_baseline_and_a_failure_stays_a_row():
+    rows = {"hf-tutorial": _row(100, 40, 2 * 2**30), "hf-best": {"error": "exit status 1"},
+            "tunelab": _row(250, 16, 2**30)}
+    text = "\n".join(vs.compare_tables(vs.WORKLOADS["sst2"], rows))
+    assert "| HF tutorial recipe | 2.50x | 0.40x | 0.50x |" in text
+    assert "failed: exit status 1" in text
+    assert "best HF Trainer setup | 2" not in text  # no ratio against a failed baseline
+
+
+def test_ablation_rows_compare_with_the_baseline():
+    rows = {"baseline": {**_row(200, 10, 2**30), "setting": "tuned"},
+            "pad-to-max": {**_row(50, 40, 2**30), "setting": "pad"},
+            "precision": {**_row(20, 5, 2**30), "setting": "bf16", "capped": True}}
+    text = "\n".join(vs.ablation_table(vs.WORKLOADS["imdb-512"], rows))
+    assert "| pad-to-max | pad | fp32 | 3 | 50 | 0.25x |" in text
+    assert "— (capped)" in text  # a capped row's accuracy is not comparable and is not shown
+
+
+@pytest.mark.slow
+def test_vs_hf_trainer_smoke_writes_the_table(tmp_path):
+    """Every setup runs end to end on a tiny budget (minutes on 2 busy cores)."""
+    out = tmp_path / "vs.md"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "vs_hf_trainer.py"), "--workload", "sst2", "--smoke",
+           "--results", str(out)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    record = json.loads(out.with_suffix(".json").read_text())[-1]
+    assert record["smoke"] and set(record["rows"]) == {"hf-tutorial", "hf-best", "tunelab"}
+    for row in record["rows"].values():
+        assert "error" not in row and row["steps"] == 3 and row["real_tokens"] > 0
+    # Same seeded data and budget: every setup trains the same real tokens.
+    assert len({row["real_tokens"] for row in record["rows"].values()}) == 1
+    assert "SMOKE TEST" in out.read_text()
