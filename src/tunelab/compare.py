@@ -30,11 +30,10 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.console import Console
 
-from tunelab.config import RunConfig, apply_overrides, dump_config, method_names, validate_config
+from tunelab.config import RunConfig, apply_overrides, dump_config, method_names, read_config_file, validate_config
 from tunelab.errors import ConfigError, TunelabError
 
 
@@ -61,14 +60,7 @@ def plan_comparison(path: str | Path, methods: list[str] | None, overrides: list
     A typo in the tenth technique's knobs should stop the comparison before the first one trains.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections (task, model, data, ...)")
+    raw = read_config_file(path)
     try:
         section = CompareSection.model_validate(raw.pop("compare", None) or {})
     except ValidationError as err:

@@ -302,10 +302,11 @@ def validate_config(raw: dict) -> RunConfig:
         raise ConfigError(_one_line(err)) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+def read_config_file(path: str | Path, kind: str = "config") -> dict:
+    """The raw mapping of a YAML config file (run, compare or sweep), with one-line errors naming the line."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"{kind} file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
@@ -314,7 +315,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ConfigError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (task, model, data, ...)")
-    raw = apply_overrides(raw, overrides or [])
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    path = Path(path)
+    raw = apply_overrides(read_config_file(path), overrides or [])
     try:
         return validate_config(raw)
     except ConfigError as err:

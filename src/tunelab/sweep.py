@@ -59,7 +59,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from rich.console import Console
 from rich.markup import escape  # a list choice such as [query, value] is not console markup
 
-from tunelab.config import RunConfig, apply_overrides, dump_config, validate_config
+from tunelab.config import RunConfig, apply_overrides, dump_config, read_config_file, validate_config
 from tunelab.errors import ConfigError, TunelabError
 
 # Which direction is better, per task family. Loss and perplexity fall as a model improves.
@@ -269,17 +269,7 @@ def _check_space(sweep: Sweep) -> None:
 
 
 def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"sweep file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections (task, model, data, ..., sweep)")
-    return raw
+    return read_config_file(path, kind="sweep")
 
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
