@@ -143,3 +143,12 @@ def test_gradient_checkpointing_changes_memory_not_math(tmp_path, monkeypatch, t
     plain, checkpointed = run("plain", False), run("ckpt", True)
     load = lambda p: {k: v for f in (p / "model" / "backbone").glob("*.safetensors") for k, v in load_file(f).items()}
     _assert_same(load(plain.path), load(checkpointed.path), atol=1e-5)
+
+
+@pytest.mark.slow  # compiling the tiny model takes ~1 minute on 2 cores
+def test_compiled_backbone_trains_the_same_weights(tiny_run):
+    """train.compile fuses kernels; it must not change the math (beyond float reassociation), and the saved
+    names must stay the module's own (compile in place, no _orig_mod. prefix)."""
+    plain, _ = tiny_run("plain", train={"max_steps": 3})
+    compiled, _ = tiny_run("compiled", train={"max_steps": 3, "compile": True})
+    _assert_same(_weights(plain.path), _weights(compiled.path), atol=1e-5)

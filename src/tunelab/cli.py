@@ -209,6 +209,24 @@ def plan(
 
 
 @app.command()
+def profile(
+    config: Path = typer.Argument(..., help="Run config YAML."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="Dotted overrides, e.g. train.batch_size=32"),
+    steps: int = typer.Option(5, "--steps", min=1, help="Training steps to record."),
+    warmup: int = typer.Option(2, "--warmup", min=0, help="Steps run first and not recorded (warm-up, compilation)."),
+    rows: int = typer.Option(15, "--rows", min=1, help="Ops in the terminal table (ops.txt has 100)."),
+):
+    """Profile a few training steps: top-ops table, forward/backward/optimizer split, Chrome trace file."""
+    from tunelab.config import load_config
+    from tunelab.profile import run_profile
+
+    cfg = load_config(config, overrides or [])
+    _quiet_libraries()
+    run, _ = run_profile(cfg, steps=steps, warmup=warmup, rows=rows, console=err)
+    out.print(f"profile directory: {run.path} (ops.txt, trace.json: open it in https://ui.perfetto.dev)")
+
+
+@app.command()
 def sweep(
     config: Optional[Path] = typer.Argument(None, help="Run config with a sweep: section (not needed with --resume)."),
     overrides: Optional[list[str]] = typer.Argument(None, help="Dotted overrides, e.g. sweep.trials=20"),

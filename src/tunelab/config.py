@@ -173,6 +173,18 @@ class TrainConfig(_Section):
         "fp16 on older GPUs, else fp32.",
     )
     group_by_length: bool = Field(True, description="Batch similar lengths together: far less padding.")
+    optimizer: Literal["adamw", "adamw_8bit"] = Field(
+        "adamw",
+        description="adamw = torch AdamW (its fused kernel on CUDA), 8 bytes of state per trainable weight; "
+        "adamw_8bit = bitsandbytes' block-wise 8-bit AdamW, 2 bytes: for full fine-tuning where optimizer state "
+        "dominates memory, at some cost in speed (dequantizing the state every step).",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the backbone. Fuses elementwise work, but the first steps pay the compile "
+        "(a minute on a 2-core CPU) and new sequence lengths can recompile: off unless measured to win "
+        "(docs/09-optimization.md).",
+    )
     seed: int = 42
     log_every: int = Field(10, ge=1, description="Optimizer steps between metric lines.")
     eval_every: int | None = Field(None, ge=1, description="Optimizer steps between validation passes.")
@@ -182,6 +194,11 @@ class TrainConfig(_Section):
 
 class EvalConfig(_Section):
     batch_size: int = Field(64, ge=1)
+    untuned: bool = Field(
+        True,
+        description="LM/instruction runs: evaluate the untuned model first, to show what training bought "
+        "(costs one test pass and the samples; turn off in sweeps and benchmarks).",
+    )
     num_samples: int = Field(3, ge=0, description="Instruction/LM runs: generations shown in the report.")
     max_new_tokens: int = Field(96, ge=1)
     repetition_penalty: float = Field(

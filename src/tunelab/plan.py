@@ -14,7 +14,7 @@ Memory at the peak of a training step (the start of backward, when every saved a
     weights      every parameter at its storage size: fp32 (tunelab keeps fp32 master weights), QLoRA's
                  quantized linear weights at 4 bits plus their quantization constants
     gradients    4 bytes per trainable parameter
-    optimizer    AdamW: two fp32 moments per trainable parameter, 8 bytes
+    optimizer    AdamW: two fp32 moments per trainable parameter, 8 bytes (2 bytes with train.optimizer=adamw_8bit)
     activations  what autograd saves per layer, see `layer_activation_elements`, times tokens, layers and the
                  element size; plus what the technique adds (LoRA's dropout copies, adapter bottlenecks)
     logits       the LM head's output and its fp32 loss copies, see `logits_bytes`; 0 for classification
@@ -44,6 +44,7 @@ against a GPU or a bf16 run.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -66,6 +67,7 @@ CPU_HEAP_SLACK_OF_ACTIVATIONS = 0.10
 CPU_HEAP_SLACK_OF_TRANSIENTS = 0.75
 
 ADAM_BYTES_PER_PARAM = 8  # exp_avg and exp_avg_sq, fp32 whatever the run's precision
+ADAM_8BIT_BYTES_PER_PARAM = 2  # bitsandbytes' 8-bit moments (block scales add ~0.03 bytes)
 GRAD_BYTES_PER_PARAM = 4  # gradients have their parameter's dtype, fp32 here
 MASK_BYTES = 1  # dropout keeps a bool mask per element
 
@@ -162,13 +164,27 @@ class ParameterCounts:
     notes: list[str] = field(default_factory=list)
 
 
+@contextlib.contextmanager
+def _without_zero3_init():
+    """Under DeepSpeed ZeRO-3, transformers builds every model inside zero.Init, which partitions real
+    storage and fails on meta tensors. The estimate wants shapes only: build it as a plain model."""
+    from transformers.integrations import deepspeed as hf_ds
+
+    ref = hf_ds._hf_deepspeed_config_weak_ref  # no public getter; set/unset are public
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = ref
+
+
 def _meta_task_model(cfg: RunConfig, hf_config, num_labels: int):
     import torch
     from transformers import AutoModel, AutoModelForCausalLM
 
     from tunelab.models.task_models import CausalLM, SequenceClassifier
 
-    with torch.device("meta"):
+    with torch.device("meta"), _without_zero3_init():
         if cfg.task == "classification":
             backbone = AutoModel.from_config(hf_config)
             return SequenceClassifier(backbone, hf_config.hidden_size, max(num_labels, 2), "mean")
@@ -212,7 +228,8 @@ def count_parameters_for(cfg: RunConfig, hf_config, num_labels: int = 2) -> tupl
         counts = _formula_counts(cfg, arch, model, counts)
     else:
         try:
-            model.backbone = method.apply(backbone, method_cfg, cfg.task)
+            with _without_zero3_init():
+                model.backbone = method.apply(backbone, method_cfg, cfg.task)
         except Exception as err:  # a technique that cannot run on meta tensors: count by formula, say so
             counts.notes.append(f"trainable parameters by formula ({cfg.method.name} on the meta device: {err})")
             counts = _formula_counts(cfg, arch, model, counts)
@@ -656,7 +673,9 @@ def estimate(cfg: RunConfig, *, device=None, precision: str | None = None, token
     states = {
         "weights": weight_bytes,
         "gradients": counts.trainable * GRAD_BYTES_PER_PARAM,
-        "optimizer": counts.trainable * ADAM_BYTES_PER_PARAM,  # from the first optimizer step on
+        # from the first optimizer step on
+        "optimizer": counts.trainable * (ADAM_8BIT_BYTES_PER_PARAM if cfg.train.optimizer == "adamw_8bit"
+                                         else ADAM_BYTES_PER_PARAM),
     }
     runtime = CUDA_CONTEXT_BYTES if dev == "cuda" else CPU_RUNTIME_BYTES
     ckpt, packed = cfg.model.gradient_checkpointing, bool(getattr(cfg.data, "packing", False))
@@ -740,7 +759,7 @@ def estimate(cfg: RunConfig, *, device=None, precision: str | None = None, token
 def format_plan(est: dict) -> str:
     """A plain-text table of the estimate for the terminal."""
     mem, ev = est["memory"], est.get("eval_memory") or {}
-    rows = [("weights", "weights"), ("gradients", "gradients"), ("optimizer state (AdamW)", "optimizer"),
+    rows = [("weights", "weights"), ("gradients", "gradients"), ("optimizer state", "optimizer"),
             ("activations", "activations"), ("logits + loss", "logits"), ("allocator slack (CPU)", "allocator"),
             ("runtime", "runtime")]
     lines = [

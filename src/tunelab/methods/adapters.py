@@ -318,10 +318,14 @@ class BottleneckAdapter(Method):
         _load_weights(backbone, tensors)
         return backbone
 
-    def save(self, backbone: nn.Module, out_dir: Path) -> None:
+    def save(self, backbone: nn.Module, out_dir: Path, state_dict: dict | None = None) -> None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        tensors = {k: p.detach().cpu().contiguous() for k, p in adapter_parameters(backbone).items()}
+        params = adapter_parameters(backbone)
+        if state_dict is not None:  # the same tensors, found under their module paths in the gathered dict
+            path = {id(p): name for name, p in backbone.named_parameters()}
+            params = {k: state_dict[path[id(p)]] for k, p in params.items()}
+        tensors = {k: p.detach().cpu().contiguous() for k, p in params.items()}
         save_file(tensors, out_dir / WEIGHTS_FILE)
         (out_dir / SETUP_FILE).write_text(json.dumps(getattr(backbone, SETUP_ATTR), indent=1), encoding="utf-8")
 

@@ -23,6 +23,12 @@ class Method:
         Runs before any weights load or a run directory exists.
         """
 
+    def check_sharded_save(self, cfg) -> None:
+        """Raise ConfigError (one line) if save() cannot write weights gathered from FSDP/ZeRO-3 shards.
+
+        Runs at setup, so a run that could not be saved is refused before it trains.
+        """
+
     def pretrained_kwargs(self, cfg, precision: str) -> dict:
         """Extra `from_pretrained` arguments for the base model (QLoRA loads it quantized)."""
         return {}
@@ -31,8 +37,12 @@ class Method:
         """Return the backbone ready to train (parameters to update have requires_grad=True)."""
         raise NotImplementedError
 
-    def save(self, backbone: nn.Module, out_dir: Path) -> None:
-        """Write what this technique trained, as safetensors, into out_dir."""
+    def save(self, backbone: nn.Module, out_dir: Path, state_dict: dict | None = None) -> None:
+        """Write what this technique trained, as safetensors, into out_dir.
+
+        state_dict: the backbone's whole weights, gathered from the processes that hold them under FSDP or
+        ZeRO-3 (where the module's own parameters are shards or empty placeholders); None = read the module.
+        """
         raise NotImplementedError
 
     def load(self, base_backbone: nn.Module, out_dir: Path) -> nn.Module:

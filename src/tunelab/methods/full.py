@@ -21,8 +21,8 @@ class FullFineTuning(Method):
         backbone.requires_grad_(True)
         return backbone
 
-    def save(self, backbone: nn.Module, out_dir: Path) -> None:
-        backbone.save_pretrained(out_dir, safe_serialization=True)
+    def save(self, backbone: nn.Module, out_dir: Path, state_dict: dict | None = None) -> None:
+        backbone.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
 
     def load(self, base_backbone: nn.Module, out_dir: Path) -> nn.Module:
         return type(base_backbone).from_pretrained(out_dir)

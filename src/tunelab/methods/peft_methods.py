@@ -29,6 +29,7 @@ from peft import (
     get_peft_model,
     prepare_model_for_kbit_training,
 )
+from safetensors.torch import save_file
 from torch import nn
 
 from tunelab.errors import ConfigError
@@ -57,8 +58,9 @@ class PeftMethod(Method):
             model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
         return model
 
-    def save(self, backbone: nn.Module, out_dir: Path) -> None:
-        backbone.save_pretrained(out_dir, safe_serialization=True)
+    def save(self, backbone: nn.Module, out_dir: Path, state_dict: dict | None = None) -> None:
+        # PEFT picks the adapter's own tensors out of a whole-model state_dict when one is given.
+        backbone.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
 
     def load(self, base_backbone: nn.Module, out_dir: Path) -> nn.Module:
         return PeftModel.from_pretrained(base_backbone, out_dir)
@@ -130,7 +132,22 @@ class Ia3(PeftMethod):
         )
 
 
-class PromptTuning(PeftMethod):
+class PromptLearning(PeftMethod):
+    """Prompt and prefix tuning: their saved tensor is the virtual-token embedding table itself."""
+
+    def save(self, backbone: nn.Module, out_dir: Path, state_dict: dict | None = None) -> None:
+        if state_dict is None:
+            return super().save(backbone, out_dir)
+        # PEFT (0.21) ignores a given state_dict for prompt learning and reads the embedding from the module,
+        # which under FSDP/ZeRO-3 holds a shard. Write the gathered table the way PEFT writes its own.
+        key = next(k for k in state_dict if k.endswith("prompt_encoder.default.embedding.weight"))
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        backbone.peft_config["default"].save_pretrained(out_dir)
+        save_file({"prompt_embeddings": state_dict[key].detach().cpu().contiguous()},
+                  Path(out_dir) / "adapter_model.safetensors", metadata={"format": "pt"})
+
+
+class PromptTuning(PromptLearning):
     name = "prompt"
     # A few thousand weights that must move a frozen model: prompt tuning wants a large rate (Lester et al. 0.3).
     default_lr = 3e-2
@@ -146,9 +163,16 @@ class PromptTuning(PeftMethod):
         )
 
 
-class PrefixTuning(PeftMethod):
+class PrefixTuning(PromptLearning):
     name = "prefix"
     default_lr = 1e-2
+
+    def check_sharded_save(self, cfg) -> None:
+        if cfg.projection:
+            # What PEFT saves then is the projection MLP's output, computed by a forward that every shard
+            # holder would have to join; the embedding table alone does not rebuild it.
+            raise ConfigError("method.projection: prefix tuning with a projection cannot be saved from FSDP/ZeRO-3 "
+                              "shards yet; set method.projection=false or launch with DDP")
 
     def check(self, cfg, hf_config, task: str) -> None:
         if getattr(hf_config, "model_type", "") in {"gemma2", "gemma3"}:

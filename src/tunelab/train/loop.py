@@ -7,7 +7,6 @@ precision and the distributed wrappers, so the same loop runs on one CPU core or
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import math
 import os
@@ -19,6 +18,7 @@ from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set
 from rich.console import Console
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.profiler import record_function
 
 from tunelab.config import RunConfig
 from tunelab.data.examples import Splits
@@ -46,6 +46,7 @@ class FineTune:
         (the sweep's pruner does)."""
         self.cfg = cfg
         self.on_eval = on_eval
+        self.on_step = None  # on_step(step) after each optimizer step (tunelab profile advances its schedule)
         self.splits = splits
         self.run = run
         self.console = console or Console(stderr=True)
@@ -87,17 +88,18 @@ class FineTune:
         self.gather_on_save = kind == DistributedType.FSDP or (
             kind == DistributedType.DEEPSPEED and self.accelerator.state.deepspeed_plugin.zero_stage == 3
         )
-        if self.gather_on_save and "state_dict" not in inspect.signature(self.method.save).parameters:
-            raise ConfigError(
-                f"method.name '{cfg.method.name}' cannot yet save weights gathered from {kind.value} shards; "
-                "launch with DDP or DeepSpeed ZeRO-2 (configs/accelerate/ddp.yaml, deepspeed-zero2.yaml)"
-            )
+        if self.gather_on_save:
+            self.method.check_sharded_save(cfg.method)
         model, self.tokenizer, _ = load_task_model(
             cfg.model, cfg.task, num_labels=len(self.splits.labels),
             pretrained_kwargs=self.method.pretrained_kwargs(cfg.method, self.precision),
         )
         model.backbone = self.method.apply(model.backbone, cfg.method, cfg.task)
         self.trainable_params, self.total_params = count_parameters(model)
+        if cfg.train.compile:
+            # In place (not a wrapper): parameter names, and so saving and checkpoints, stay as they were.
+            # dynamic=None: compile for the first shape, then once more with symbolic lengths when they vary.
+            model.backbone.compile()
 
         self.features: Features = tokenize_splits(self.splits, cfg, self.tokenizer)
         for note in self.features.notes:
@@ -116,7 +118,7 @@ class FineTune:
                              features=self.features, num_labels=max(len(self.splits.labels), 2))
 
         self.lr = cfg.train.lr or self.method.default_lr
-        optimizer = build_optimizer(model, self.lr, cfg.train.weight_decay)
+        optimizer = build_optimizer(model, self.lr, cfg.train.weight_decay, cfg.train.optimizer, self.device)
         self.total_steps = self._total_steps()
         self.scheduler = build_scheduler(optimizer, cfg.train.scheduler, self.total_steps, cfg.train.warmup_ratio)
         # FSDP shards each transformer block as its own unit, found through _no_split_modules; the task wrapper
@@ -236,8 +238,11 @@ class FineTune:
                     sync = i == len(group) - 1
                     acc.sync_gradients = sync  # DeepSpeed reduces and steps only when this is set
                     with contextlib.nullcontext() if sync else acc.no_sync(self.model):
-                        out = self.model(**batch)
-                        acc.backward(out.loss_sum * scale * self.loss_multiplier)
+                        # record_function: named phases in `tunelab profile` (a no-op when no profiler runs)
+                        with record_function("tunelab.forward"):
+                            out = self.model(**batch)
+                        with record_function("tunelab.backward"):
+                            acc.backward(out.loss_sum * scale * self.loss_multiplier)
                     step_loss_sum += float(out.loss_sum.detach())
                     step_tokens += int(batch["attention_mask"].sum())
                 # Each process saw only its slice: sum the slices, so loss and tokens/s describe the whole step.
@@ -248,10 +253,11 @@ class FineTune:
                 window["count"] += int(global_count)
                 window["tokens"] += int(step_tokens)
                 self.state["real_tokens"] += int(step_tokens)
-                grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm else None
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                with record_function("tunelab.optimizer"):
+                    grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm else None
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
 
                 epoch, index, _ = group[-1]
                 self.state.update(step=self.state["step"] + 1, epoch=epoch, batch_in_epoch=index + 1)
@@ -259,6 +265,8 @@ class FineTune:
                 loss = window["loss_sum"] / max(window["count"], 1)
                 elapsed = time.perf_counter() - window["start"]
                 progress.update(step, loss, self.scheduler.get_last_lr()[0], window["tokens"] / max(elapsed, 1e-9))
+                if self.on_step is not None:
+                    self.on_step(step)
                 if step % t.log_every == 0 or step == self.total_steps:
                     self._log_window(window, grad_norm)
                     window = {"loss_sum": 0.0, "count": 0, "tokens": 0, "start": time.perf_counter()}

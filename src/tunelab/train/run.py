@@ -115,7 +115,8 @@ def _baseline(recipe, run: RunDir, console: Console) -> dict | None:
     path = run.path / "eval_untuned.json"
     if path.is_file():
         return json.loads(path.read_text())
-    if recipe.cfg.task == "classification" or not recipe.features.test or recipe.state["step"] > 0:
+    if (recipe.cfg.task == "classification" or not recipe.cfg.eval.untuned or not recipe.features.test
+            or recipe.state["step"] > 0):
         return None
     console.print("eval  untuned model on the test set ...")
     metrics = recipe.evaluate(recipe.features.test)
