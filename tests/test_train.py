@@ -152,3 +152,20 @@ def test_compiled_backbone_trains_the_same_weights(tiny_run):
     plain, _ = tiny_run("plain", train={"max_steps": 3})
     compiled, _ = tiny_run("compiled", train={"max_steps": 3, "compile": True})
     _assert_same(_weights(plain.path), _weights(compiled.path), atol=1e-5)
+
+
+def test_attention_kernels_train_the_same_weights(tiny_run):
+    sdpa, _ = tiny_run("sdpa", train={"max_steps": 2}, model={"attention": "sdpa"})
+    eager, _ = tiny_run("eager", train={"max_steps": 2}, model={"attention": "eager"})
+    assert (sdpa.manifest()["attention"], eager.manifest()["attention"]) == ("sdpa", "eager")
+    _assert_same(_weights(sdpa.path), _weights(eager.path), atol=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_flash_attention_without_a_gpu_is_one_line_before_any_run_directory(tiny_run, tmp_path):
+    from tunelab.errors import TunelabError
+
+    with pytest.raises(TunelabError, match="flash_attention_2 runs on CUDA GPUs only") as err:
+        tiny_run("flash", model={"attention": "flash_attention_2"})
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "runs" / "flash").exists()

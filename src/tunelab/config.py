@@ -36,6 +36,12 @@ class ModelConfig(_Section):
         description="Set every dropout of the backbone and head; null = the model's own. 0 is much faster on CPU: "
         "attention dropout forces SDPA off its fused kernel.",
     )
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto",
+        description="Attention kernel. auto = transformers' choice (PyTorch SDPA where the model supports it); "
+        "flash_attention_2 needs a CUDA GPU and the flash-attn package (packed batches then run varlen); "
+        "eager = the plain matmul-softmax path, for debugging.",
+    )
     trust_remote_code: bool = Field(False, description="Run Python code shipped with a hub model. Off for safety.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
 

@@ -50,6 +50,17 @@ def _pretrained_kwargs(cfg: ModelConfig) -> dict:
     return {"trust_remote_code": cfg.trust_remote_code, "revision": cfg.revision}
 
 
+def check_attention(kind: str) -> None:
+    if kind != "flash_attention_2":
+        return
+    import importlib.util
+
+    if not torch.cuda.is_available():
+        raise ModelError("model.attention: flash_attention_2 runs on CUDA GPUs only; use auto (SDPA) here")
+    if importlib.util.find_spec("flash_attn") is None:
+        raise ModelError("model.attention: flash_attention_2 needs the flash-attn package (pip install flash-attn)")
+
+
 def load_hf_config(cfg: ModelConfig) -> tuple[str, PretrainedConfig]:
     source = resolve_model(cfg.name)
     try:
@@ -82,6 +93,9 @@ def load_task_model(cfg: ModelConfig, task: str, num_labels: int = 0, pretrained
     kwargs = {
         **_pretrained_kwargs(cfg), **_dropout_kwargs(cfg, hf_config), "dtype": torch.float32, **(pretrained_kwargs or {})
     }
+    if cfg.attention != "auto":
+        check_attention(cfg.attention)
+        kwargs["attn_implementation"] = cfg.attention
     if task == "classification":
         backbone = AutoModel.from_pretrained(source, **kwargs)
         pooling = cfg.pooling if cfg.pooling != "auto" else ("last" if decoder else "mean")

@@ -150,6 +150,7 @@ class FineTune:
                 hardware=describe(),
                 num_processes=self.accelerator.num_processes,
                 distributed_type=self.accelerator.distributed_type.value,
+                attention=getattr(self._unwrapped().backbone.config, "_attn_implementation", None),
             )
         self.console.print(
             f"model {cfg.model.name} ({cfg.task}), method {cfg.method.name}: "

@@ -49,7 +49,7 @@ def run_training(
 
     # Heavy imports (torch, transformers) only after the data passed: a bad line is reported in seconds.
     from tunelab.methods import get_method
-    from tunelab.models.loading import load_hf_config, quiet_transformers
+    from tunelab.models.loading import check_attention, load_hf_config, quiet_transformers
     from tunelab.train.distributed import on_main_then_share
     from tunelab.train.hardware import describe
     from tunelab.train.loop import FineTune
@@ -58,6 +58,7 @@ def run_training(
     # An unknown model name, or a technique that cannot apply to it, fails here: before a run directory exists.
     _, hf_config = load_hf_config(cfg.model)
     get_method(cfg.method.name).check(cfg.method, hf_config, cfg.task)
+    check_attention(cfg.model.attention)
     run = RunDir(resume_dir) if resume_dir else on_main_then_share(lambda: RunDir.create(cfg, describe()))
     console.print(f"run   {run.path}")
     try:
