@@ -17,6 +17,10 @@ class Method:
     name: str
     default_lr: float  # used when train.lr is null: a value that works on the bundled models
 
+    def learning_rate(self, cfg) -> float:
+        """The rate used when train.lr is null; a technique whose knobs change what a good rate is overrides it."""
+        return self.default_lr
+
     def check(self, cfg, hf_config, task: str) -> None:
         """Raise ConfigError (one line) if this technique cannot apply to this model or task.
 

@@ -117,7 +117,7 @@ class FineTune:
         self.plan = estimate(cfg, device=self.device, precision=self.precision, tokenizer=self.tokenizer,
                              features=self.features, num_labels=max(len(self.splits.labels), 2))
 
-        self.lr = cfg.train.lr or self.method.default_lr
+        self.lr = cfg.train.lr or self.method.learning_rate(cfg.method)
         optimizer = build_optimizer(model, self.lr, cfg.train.weight_decay, cfg.train.optimizer, self.device)
         self.total_steps = self._total_steps()
         self.scheduler = build_scheduler(optimizer, cfg.train.scheduler, self.total_steps, cfg.train.warmup_ratio)
