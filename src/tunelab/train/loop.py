@@ -33,7 +33,7 @@ from tunelab.train.checkpoint import list_checkpoints, load_checkpoint, save_che
 from tunelab.train.distributed import accelerator_cpu_flag, join_processes, launched_with, threads_per_process
 from tunelab.plan import estimate
 from tunelab.train.flops import mfu, peak_flops
-from tunelab.train.hardware import describe, peak_memory_bytes, resolve_precision
+from tunelab.train.hardware import configure_cpu_heap, describe, peak_memory_bytes, resolve_precision
 from tunelab.train.optim import build_optimizer, build_scheduler
 from tunelab.train.progress import TrainProgress
 
@@ -67,6 +67,8 @@ class FineTune:
             mixed_precision=MIXED_PRECISION[self.precision], cpu=accelerator_cpu_flag(), kwargs_handlers=[ddp]
         )
         self.device = self.accelerator.device
+        # Before the model loads: its weights and every step's activations come from the heap set up here.
+        self.cpu_heap = configure_cpu_heap(cfg.train.cpu_heap) if self.device.type == "cpu" else None
         kind = self.accelerator.distributed_type
         if launched_with("FSDP") and kind != DistributedType.FSDP:
             self.console.print(f"[yellow]FSDP was asked for, but Accelerate shards only on GPUs: this run is {kind.value} "
@@ -395,6 +397,7 @@ class FineTune:
             "total_params": self.total_params,
             "trainable_percent": 100 * self.trainable_params / self.total_params,
             "precision": self.precision,
+            "cpu_heap": self.cpu_heap,
             "lr": self.lr,
             "num_processes": self.accelerator.num_processes,
             "estimated_peak_memory_bytes": self.plan["peak_memory_bytes"],
