@@ -1,6 +1,6 @@
 """tunelab against the Hugging Face Trainer + PEFT recipe: same model, data, LoRA, budget and seed.
 
-Three setups per workload, run one after another, each in its own subprocess so that each peak memory
+Four setups per workload, run one after another, each in its own subprocess so that each peak memory
 (process RSS on CPU) is its own:
 
     hf-tutorial  AutoModelForSequenceClassification / AutoModelForCausalLM + PEFT LoRA + Trainer, written the
@@ -10,9 +10,11 @@ Three setups per workload, run one after another, each in its own subprocess so 
                  (train_sampling_strategy="group_by_length"), the model's dropout set to 0 through its config,
                  bf16 only where the CPU runs it natively (AMX/AVX512-BF16; elsewhere it is emulated and ~12x
                  slower, so fp32).
+    hf-best-heap hf-best started with the glibc settings that tunelab's default train.cpu_heap=keep applies
+                 (not a Trainer setting: it shows how much of the difference is the allocator).
     tunelab      run_training on the equivalent config (mean-pooling head for classification, as tunelab does).
 
-All three train the same seeded subset with the same LoRA (rank, alpha, dropout, targets), learning rate,
+All of them train the same seeded subset with the same LoRA (rank, alpha, dropout, targets), learning rate,
 schedule, warmup, weight decay and clipping. Neither side evaluates or saves a checkpoint during training:
 train time is training only. Real tokens are the attention-mask sums of every training batch (Trainer counts
 them itself with include_num_input_tokens_seen="non_padding"); peak memory is read right after training,
@@ -93,8 +95,12 @@ WORKLOADS = {
 SETUPS = {
     "hf-tutorial": "HF tutorial recipe",
     "hf-best": "best HF Trainer setup",
+    "hf-best-heap": "best HF Trainer setup + tunelab's heap setting",
     "tunelab": "tunelab",
 }
+# What tunelab's default train.cpu_heap=keep does to glibc (train/hardware.py), as environment variables: the
+# hf-best-heap row gives the Trainer the same allocator, to show how much of the gap is that setting.
+HEAP_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
 
 # Ablation switches, each toggled alone from tunelab's tuned config (torchtune's way of attributing speed).
 # name -> (what the row changes, config overrides). "pad-to-max" and "precision" are handled in code.
@@ -109,6 +115,7 @@ SWITCHES = {
     "checkpointing": ("gradient checkpointing (model.gradient_checkpointing=true)", ["model.gradient_checkpointing=true"]),
     "adamw-8bit": ("8-bit AdamW from bitsandbytes (train.optimizer=adamw_8bit)", ["train.optimizer=adamw_8bit"]),
     "precision": ("the other precision (set below)", []),
+    "cpu-heap-release": ("glibc returns freed blocks to the kernel (train.cpu_heap=release)", ["train.cpu_heap=release"]),
 }
 
 
@@ -290,7 +297,7 @@ def run_one(args: argparse.Namespace) -> None:
     try:
         if args.one == "hf-tutorial":
             record = run_hf(w, args, best=False, work=work)
-        elif args.one == "hf-best":
+        elif args.one in ("hf-best", "hf-best-heap"):  # the same setup; spawn() gave the second HEAP_ENV
             record = run_hf(w, args, best=True, work=work)
         elif args.one.startswith("tunelab"):
             switch = args.one.partition(":")[2] or "baseline"
@@ -308,7 +315,8 @@ def spawn(args: argparse.Namespace, one: str) -> dict:
     """Run one setup in a fresh interpreter; its failure becomes a row saying so, not the end of the benchmark."""
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+               **(HEAP_ENV if one == "hf-best-heap" else {})}
         print(f"\n=== {one} ===", file=sys.stderr, flush=True)
         proc = subprocess.run(child_argv(args, one, result), cwd=ROOT, env=env)
         if proc.returncode != 0 or not result.is_file():
@@ -424,17 +432,17 @@ def compare_tables(w: Workload, rows: dict[str, dict]) -> list[str]:
             f"{eval_cell(row)} | {mfu_cell(row)} |"
         )
     ours = rows.get("tunelab")
-    if ours and "error" not in ours:
+    baselines = [n for n in ("hf-tutorial", "hf-best", "hf-best-heap") if n in rows and "error" not in rows[n]]
+    if ours and "error" not in ours and baselines:
         lines += ["", "| tunelab ÷ | real tokens/s (higher is better) | train wall | peak memory |",
                   "|---|---:|---:|---:|"]
-        for name in ("hf-tutorial", "hf-best"):
-            base = rows.get(name)
-            if base and "error" not in base:
-                lines.append(
-                    f"| {SETUPS[name]} | {ratio(ours['real_tokens_per_s'], base['real_tokens_per_s'])} | "
-                    f"{ratio(ours['wall_s'], base['wall_s'])} | "
-                    f"{ratio(ours['peak_memory_bytes'], base['peak_memory_bytes'])} |"
-                )
+        for name in baselines:
+            base = rows[name]
+            lines.append(
+                f"| {SETUPS[name]} | {ratio(ours['real_tokens_per_s'], base['real_tokens_per_s'])} | "
+                f"{ratio(ours['wall_s'], base['wall_s'])} | "
+                f"{ratio(ours['peak_memory_bytes'], base['peak_memory_bytes'])} |"
+            )
     return lines
 
 
@@ -467,8 +475,12 @@ SETUP_NOTES = [
     "(`DataCollatorForSeq2Seq` for the LM, which also pads labels), `train_sampling_strategy=\"group_by_length\"` "
     "(transformers 5's name for `group_by_length=True`), every dropout of the model set to 0 through its config, "
     "and `bf16=True, use_cpu=True` only where the CPU has native bf16.",
+    "- **best HF Trainer setup + tunelab's heap setting**: the same Trainer run, started with `MALLOC_MMAP_MAX_=0 "
+    "MALLOC_TRIM_THRESHOLD_=2147483647`, what tunelab's default `train.cpu_heap: keep` sets through mallopt on "
+    "Linux/glibc: freed memory stays in the process instead of being faulted in again each step. Not a Trainer "
+    "setting; the row shows how much of the difference that allocator setting is.",
     "- **tunelab**: `run_training` with dynamic padding to a multiple of 8, length grouping, `model.dropout: 0`, "
-    "`precision: auto`, no packing (see the ablation for packing). The untuned-model evaluation tunelab runs before "
+    "`precision: auto`, `train.cpu_heap: keep` (its defaults), no packing (see the ablation for packing). The untuned-model evaluation tunelab runs before "
     "instruction training is skipped here: the Trainer runs none, and it would count in the peak memory.",
     "- Real tokens/s = attention-mask sum of all training batches / train wall (Trainer: `include_num_input_tokens_seen"
     "=\"non_padding\"` and `train_runtime`). Peak memory = process peak RSS on CPU (allocated tensors on CUDA), read "
@@ -489,7 +501,9 @@ ABLATION_NOTES = [
 def write_results(args: argparse.Namespace, title: str, table: list[str], notes: list[str], record: dict) -> None:
     w = WORKLOADS[args.workload]
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    command = ".venv/bin/python benchmarks/vs_hf_trainer.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    # Allocator and thread settings change the numbers; the children inherit them, so the command shows them.
+    env = [f"{k}={shlex.quote(v)}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_") or k == "OMP_NUM_THREADS"]
+    command = " ".join([*env, ".venv/bin/python benchmarks/vs_hf_trainer.py", *map(shlex.quote, sys.argv[1:])])
     smoke = " — SMOKE TEST (tiny budget, busy machine: the numbers only show the paths work)" if args.smoke else ""
     lines = [
         f"## {title}: `{w.name}`, {when}{smoke}",
