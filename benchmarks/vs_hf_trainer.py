@@ -98,9 +98,6 @@ SETUPS = {
     "hf-best-heap": "best HF Trainer setup + tunelab's heap setting",
     "tunelab": "tunelab",
 }
-# What tunelab's default train.cpu_heap=keep does to glibc (train/hardware.py), as environment variables: the
-# hf-best-heap row gives the Trainer the same allocator, to show how much of the gap is that setting.
-HEAP_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
 
 # Ablation switches, each toggled alone from tunelab's tuned config (torchtune's way of attributing speed).
 # name -> (what the row changes, config overrides). "pad-to-max" and "precision" are handled in code.
@@ -297,7 +294,7 @@ def run_one(args: argparse.Namespace) -> None:
     try:
         if args.one == "hf-tutorial":
             record = run_hf(w, args, best=False, work=work)
-        elif args.one in ("hf-best", "hf-best-heap"):  # the same setup; spawn() gave the second HEAP_ENV
+        elif args.one in ("hf-best", "hf-best-heap"):  # the same setup; spawn() gave the second KEEP_HEAP_ENV
             record = run_hf(w, args, best=True, work=work)
         elif args.one.startswith("tunelab"):
             switch = args.one.partition(":")[2] or "baseline"
@@ -315,8 +312,12 @@ def spawn(args: argparse.Namespace, one: str) -> dict:
     """Run one setup in a fresh interpreter; its failure becomes a row saying so, not the end of the benchmark."""
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-               **(HEAP_ENV if one == "hf-best-heap" else {})}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        if one == "hf-best-heap":
+            # What tunelab's default train.cpu_heap=keep sets through mallopt, given to the Trainer's process
+            from tunelab.train.hardware import KEEP_HEAP_ENV
+
+            env.update(KEEP_HEAP_ENV)
         print(f"\n=== {one} ===", file=sys.stderr, flush=True)
         proc = subprocess.run(child_argv(args, one, result), cwd=ROOT, env=env)
         if proc.returncode != 0 or not result.is_file():
@@ -480,8 +481,9 @@ SETUP_NOTES = [
     "Linux/glibc: freed memory stays in the process instead of being faulted in again each step. Not a Trainer "
     "setting; the row shows how much of the difference that allocator setting is.",
     "- **tunelab**: `run_training` with dynamic padding to a multiple of 8, length grouping, `model.dropout: 0`, "
-    "`precision: auto`, `train.cpu_heap: keep` (its defaults), no packing (see the ablation for packing). The untuned-model evaluation tunelab runs before "
-    "instruction training is skipped here: the Trainer runs none, and it would count in the peak memory.",
+    "`precision: auto`, `train.cpu_heap: keep` (its defaults), no packing (see the ablation for packing). The "
+    "untuned-model evaluation tunelab runs before instruction training is skipped here: the Trainer runs none, and "
+    "it would count in the peak memory.",
     "- Real tokens/s = attention-mask sum of all training batches / train wall (Trainer: `include_num_input_tokens_seen"
     "=\"non_padding\"` and `train_runtime`). Peak memory = process peak RSS on CPU (allocated tensors on CUDA), read "
     "right after training in a process that ran only that setup.",
@@ -502,7 +504,8 @@ def write_results(args: argparse.Namespace, title: str, table: list[str], notes:
     w = WORKLOADS[args.workload]
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     # Allocator and thread settings change the numbers; the children inherit them, so the command shows them.
-    env = [f"{k}={shlex.quote(v)}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_") or k == "OMP_NUM_THREADS"]
+    env = [f"{k}={shlex.quote(v)}" for k, v in sorted(os.environ.items())
+           if k.startswith("MALLOC_") or k == "OMP_NUM_THREADS"]
     command = " ".join([*env, ".venv/bin/python benchmarks/vs_hf_trainer.py", *map(shlex.quote, sys.argv[1:])])
     smoke = " — SMOKE TEST (tiny budget, busy machine: the numbers only show the paths work)" if args.smoke else ""
     lines = [

@@ -199,7 +199,7 @@ class TrainConfig(_Section):
     cpu_heap: Literal["keep", "release"] = Field(
         "keep",
         description="CPU runs on Linux/glibc: keep = freed tensor memory stays in the process for the next step "
-        "(no page faults re-filling it; ~1.15x on IMDB here), but resident memory stays at its peak until the "
+        "(no page faults re-filling it; 1.11x on IMDB here), but resident memory stays at its peak until the "
         "process ends; release = glibc's defaults. Ignored when MALLOC_* variables are set.",
     )
     seed: int = 42
