@@ -1,0 +1,84 @@
+"""Commands that run many trainings or look inside one: compare, sweep, plan, profile."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from tunelab.cli.common import app, err, out, quiet_libraries
+
+
+@app.command()
+def compare(
+    config: Path = typer.Argument(..., help="Run config YAML, optionally with a compare: section."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="Dotted overrides for every run, e.g. train.max_steps=50"),
+    methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated, e.g. full,lora,ia3 (default: compare.methods)."),
+):
+    """Train several techniques on the same data, seed and budget; write one side-by-side report."""
+    from tunelab.compare import run_comparison
+
+    chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    quiet_libraries()
+    compare_dir, entries = run_comparison(config, chosen, overrides or [], err)
+    table = Table(title="comparison", show_header=True)
+    for col in ("method", "status", "detail"):
+        table.add_column(col)
+    for e in entries:
+        table.add_row(e["method"], e["status"], escape(e["error"] or e["run_dir"] or ""))
+    out.print(table)
+    out.print(f"report: {compare_dir / 'comparison.html'} (also comparison.md, .csv, .json)")
+    if any(e["status"] != "completed" for e in entries):
+        raise typer.Exit(1)
+
+
+@app.command()
+def plan(
+    config: Path = typer.Argument(..., help="Run config YAML."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="Dotted overrides, e.g. train.batch_size=32"),
+):
+    """Estimate a run's peak memory (weights, gradients, optimizer, activations) and FLOPs/token before training."""
+    from tunelab.config import load_config
+    from tunelab.plan import estimate, format_plan
+
+    cfg = load_config(config, overrides or [])
+    quiet_libraries()
+    out.print(format_plan(estimate(cfg)), highlight=False, markup=False)
+
+
+@app.command()
+def profile(
+    config: Path = typer.Argument(..., help="Run config YAML."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="Dotted overrides, e.g. train.batch_size=32"),
+    steps: int = typer.Option(5, "--steps", min=1, help="Training steps to record."),
+    warmup: int = typer.Option(2, "--warmup", min=0, help="Steps run first and not recorded (warm-up, compilation)."),
+    rows: int = typer.Option(15, "--rows", min=1, help="Ops in the terminal table (ops.txt has 100)."),
+):
+    """Profile a few training steps: top-ops table, forward/backward/optimizer split, Chrome trace file."""
+    from tunelab.config import load_config
+    from tunelab.profile import run_profile
+
+    cfg = load_config(config, overrides or [])
+    quiet_libraries()
+    run, _ = run_profile(cfg, steps=steps, warmup=warmup, rows=rows, console=err)
+    out.print(f"profile directory: {run.path} (ops.txt, trace.json: open it in https://ui.perfetto.dev)")
+
+
+@app.command()
+def sweep(
+    config: Optional[Path] = typer.Argument(None, help="Run config with a sweep: section (not needed with --resume)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="Dotted overrides, e.g. sweep.trials=20"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this sweep directory (finished trials are kept)."),
+):
+    """Search hyperparameters with Optuna (TPE, median pruning); writes best_config.yaml and plots."""
+    from tunelab.sweep import run_sweep
+
+    # `tunelab sweep --resume DIR sweep.trials=12`: the override lands in the CONFIG slot.
+    if config is not None and "=" in config.name and not config.is_file():
+        overrides, config = [str(config), *(overrides or [])], None
+    quiet_libraries()
+    sweep_dir = run_sweep(str(config) if config else None, overrides or [], str(resume) if resume else None, err)
+    out.print(f"sweep directory: {sweep_dir} (best_config.yaml, trials.csv, history.png, importance.png)")

@@ -1,0 +1,83 @@
+"""Commands on one run: train it, then evaluate, predict or generate with what it saved."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from tunelab.cli.common import app, err, out, print_metrics, quiet_libraries, read_inputs, write_jsonl
+from tunelab.errors import TunelabError
+
+
+@app.command()
+def train(
+    config: Optional[Path] = typer.Argument(None, help="Run config YAML (not needed with --resume)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="Dotted overrides, e.g. train.lr=1e-4"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run directory from its latest checkpoint."),
+):
+    """Train a model from a config; prints test metrics and the run directory."""
+    from tunelab.config import load_config
+    from tunelab.train.run import resume_config, run_training
+
+    if resume is None and config is None:
+        raise TunelabError("give a config file, or --resume RUN_DIR")
+    if resume is not None and (config is not None or overrides):
+        raise TunelabError("a resumed run keeps its own config.yaml: give --resume RUN_DIR alone")
+    cfg = resume_config(str(resume)) if resume else load_config(config, overrides or [])
+    run, metrics = run_training(cfg, str(resume) if resume else None, err)
+    from tunelab.train.distributed import is_main_process
+
+    if is_main_process():  # under accelerate launch, one table, not one per process
+        print_metrics(metrics, run.labels())
+        out.print(f"run directory: {run.path}")
+
+
+@app.command("eval")
+def eval_cmd(
+    run_dir: Path = typer.Argument(..., help="A finished run directory."),
+    data: Path = typer.Option(..., "--data", help="Labelled file in the run's task format."),
+):
+    """Evaluate a trained run on another labelled file."""
+    from tunelab.inference.trained import TrainedModel
+
+    quiet_libraries()
+    model = TrainedModel(run_dir)
+    metrics = model.evaluate_file(str(data))
+    print_metrics({"eval": metrics}, model.labels)
+    out.print_json(json.dumps({k: v for k, v in metrics.items() if k != "per_class"}))
+
+
+@app.command()
+def predict(
+    run_dir: Path = typer.Argument(..., help="A finished classification run."),
+    text: Optional[str] = typer.Argument(None, help="Text to classify."),
+    file: Optional[Path] = typer.Option(None, "--file", help="One text per line (.txt), or .jsonl/.csv with 'text'."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Write JSONL here instead of stdout."),
+):
+    """Classify text with a trained run; prints one JSON line per input."""
+    from tunelab.inference.trained import TrainedModel
+
+    texts = read_inputs(text, file, "text")
+    quiet_libraries()
+    write_jsonl(TrainedModel(run_dir).predict(texts), output)
+
+
+@app.command()
+def generate(
+    run_dir: Path = typer.Argument(..., help="A finished causal_lm or instruction run."),
+    prompt: Optional[str] = typer.Argument(None, help="Instruction (instruction runs) or text to continue."),
+    file: Optional[Path] = typer.Option(None, "--file", help="One prompt per line (.txt), or .jsonl/.csv with 'prompt'."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1),
+    repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty", min=1.0,
+                                                       help="Default: the run's eval.repetition_penalty."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Write JSONL here instead of stdout."),
+):
+    """Generate text with a trained run (greedy); prints one JSON line per prompt."""
+    from tunelab.inference.trained import TrainedModel
+
+    prompts = read_inputs(prompt, file, "prompt")
+    quiet_libraries()
+    write_jsonl(TrainedModel(run_dir).generate(prompts, max_new_tokens, repetition_penalty), output)
