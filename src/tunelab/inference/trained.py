@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 from safetensors.torch import load_file
 
 from tunelab.config import load_config
@@ -20,7 +21,11 @@ from tunelab.train.hardware import resolve_precision, usable_cores
 
 
 class TrainedModel:
-    def __init__(self, run_dir: str | Path):
+    """A finished run, loaded. base_backbone: the pretrained backbone to build on instead of loading it (it
+    must be the run's own base model, loaded with the technique's pretrained_kwargs; the technique wraps it
+    in place, so give each TrainedModel its own module tree, which may share weight tensors with others)."""
+
+    def __init__(self, run_dir: str | Path, base_backbone: nn.Module | None = None):
         run = RunDir(run_dir)
         if not run.config_path.is_file():
             raise TunelabError(f"{run_dir}: not a run directory (no config.yaml)")
@@ -35,7 +40,7 @@ class TrainedModel:
         method = get_method(self.cfg.method.name)
         model, _, _ = load_task_model(
             self.cfg.model, self.cfg.task, num_labels=len(self.labels),
-            pretrained_kwargs=method.pretrained_kwargs(self.cfg.method, self.precision),
+            pretrained_kwargs=method.pretrained_kwargs(self.cfg.method, self.precision), backbone=base_backbone,
         )
         model.backbone = method.load(model.backbone, run.model_dir / "backbone")
         if self.labels:

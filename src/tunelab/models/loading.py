@@ -80,10 +80,13 @@ def load_tokenizer(source: str | Path, cfg: ModelConfig):
     return tokenizer
 
 
-def load_task_model(cfg: ModelConfig, task: str, num_labels: int = 0, pretrained_kwargs: dict | None = None):
+def load_task_model(cfg: ModelConfig, task: str, num_labels: int = 0, pretrained_kwargs: dict | None = None,
+                    backbone: nn.Module | None = None):
     """Return (task_model, tokenizer, source) with the pretrained base weights.
 
     pretrained_kwargs come from the technique (QLoRA's 4-bit quantization config).
+    backbone: the pretrained backbone, already loaded, to wrap instead of loading it again (`tunelab serve`
+    builds every run that shares a base on one copy of its weights).
     """
     source, hf_config = load_hf_config(cfg)
     decoder = is_decoder(hf_config)
@@ -97,7 +100,7 @@ def load_task_model(cfg: ModelConfig, task: str, num_labels: int = 0, pretrained
         check_attention(cfg.attention)
         kwargs["attn_implementation"] = cfg.attention
     if task == "classification":
-        backbone = AutoModel.from_pretrained(source, **kwargs)
+        backbone = backbone if backbone is not None else AutoModel.from_pretrained(source, **kwargs)
         pooling = cfg.pooling if cfg.pooling != "auto" else ("last" if decoder else "mean")
         if pooling == "last" and tokenizer.padding_side != "right":
             raise ModelError("pooling 'last' needs right padding")
@@ -109,7 +112,7 @@ def load_task_model(cfg: ModelConfig, task: str, num_labels: int = 0, pretrained
                 f"task '{task}' needs a decoder (causal) model, but '{cfg.name}' is an encoder; "
                 "use smollm2-135m or another *ForCausalLM model"
             )
-        model = CausalLM(AutoModelForCausalLM.from_pretrained(source, **kwargs))
+        model = CausalLM(backbone if backbone is not None else AutoModelForCausalLM.from_pretrained(source, **kwargs))
     if cfg.gradient_checkpointing:
         model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer, source

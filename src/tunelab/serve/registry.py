@@ -1,0 +1,273 @@
+"""The models a server holds: many runs on one copy of each base model, loaded and unloaded by name.
+
+One copy of the base. Every run that shares a base model (same model, revision, task kind and quantization)
+is built on the same weight tensors: the base backbone is loaded once, and each run gets its own *module
+tree* whose parameters and buffers are the base's very tensors (a deep copy with every tensor pre-entered
+in the memo). The technique then wraps that tree in place -- PEFT injects LoRA/DoRA/IA3 layers or prompt and
+prefix encoders, the bottleneck adapters wrap projections -- without touching the shared weights, so this
+works for every tunelab technique and the `model` field of a request simply picks which tree runs.
+Full fine-tuning runs own all their weights and are loaded whole.
+
+A reload under the same name builds a new ServedModel with a higher version and swaps it in; requests
+already holding the old one finish on it, and every request admitted after the swap gets the new one (the
+batcher groups by the ServedModel object, never by name), so nothing stale is served after a reload.
+
+served.json (in --log-dir) records what was loaded, from where, with the sha256 of its weights: the
+lineage a model registry reads. Its schema is in docs/10-deployment.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from torch import nn
+
+from tunelab.errors import TunelabError
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+SERVED_SCHEMA = 1
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def share_weights(module: nn.Module) -> nn.Module:
+    """A new module tree over the same parameter and buffer tensors (no weight is copied)."""
+    memo = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
+    return copy.deepcopy(module, memo)
+
+
+def parse_source(spec: str) -> tuple[str, Path]:
+    """'NAME=PATH' or 'PATH' (named after its folder)."""
+    name, sep, path = spec.partition("=")
+    if not sep or "/" in name:
+        name, path = Path(spec).name, spec
+    if not NAME_PATTERN.match(name):
+        raise TunelabError(f"model name '{name}' (from {spec}): use letters, digits, '.', '_', ':' or '-'")
+    return name, Path(path)
+
+
+@dataclass
+class ServedModel:
+    """One loaded run, under the name requests use."""
+
+    name: str
+    source: Path
+    trained: object  # inference.trained.TrainedModel
+    version: int
+    base_key: str | None
+    loaded_at: str = field(default_factory=now_iso)
+    lineage: dict = field(default_factory=dict)
+    loaded_unix: float = field(default_factory=time.time)
+
+    @property
+    def task(self) -> str:
+        return self.trained.task
+
+    @property
+    def labels(self) -> list[str]:
+        return self.trained.labels
+
+    @property
+    def tokenizer(self):
+        return self.trained.tokenizer
+
+    @property
+    def template(self) -> str | None:
+        """The instruction format recorded in the run: 'chat' (the tokenizer's chat template) or 'alpaca'."""
+        return self.trained.template
+
+    @property
+    def method(self) -> str:
+        return self.trained.cfg.method.name
+
+    @property
+    def base_model(self) -> str:
+        return self.trained.cfg.model.name
+
+    @property
+    def context_length(self) -> int:
+        """Tokens a sequence may hold, less what prompt or prefix tuning puts in front of it."""
+        backbone = self.trained.model.backbone
+        limit = getattr(backbone.config, "max_position_embeddings", None) or 2048
+        peft_cfg = getattr(backbone, "active_peft_config", None)
+        return limit - (getattr(peft_cfg, "num_virtual_tokens", 0) or 0)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a prompt as the run's generate path makes them: a rendered chat template carries its
+        own special tokens, so none are added again; other prompts get the tokenizer's usual ones."""
+        return self.tokenizer(text, add_special_tokens=self.template != "chat")["input_ids"]
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation, rendered with the template the run was trained with."""
+        from tunelab.data.templates import render_prompt
+
+        if self.task != "instruction":
+            raise TunelabError(f"model '{self.name}' is a {self.task} run, not an instruction-tuned one: "
+                               "send it text to continue (completions), not messages")
+        if self.template == "chat":
+            return self.encode(render_prompt({"messages": messages}, self.tokenizer, "chat"))
+        if len(messages) != 1 or messages[0].get("role") != "user":  # the Alpaca format has no turns
+            raise TunelabError(f"model '{self.name}' was trained with the alpaca template, which has no turns or "
+                               "system prompt: send one user message")
+        return self.encode(render_prompt({"instruction": messages[0]["content"], "input": ""}, self.tokenizer,
+                                         "alpaca"))
+
+    def weight_pointers(self) -> dict[str, int]:
+        """data_ptr of every backbone weight by name: equal pointers mean one copy in memory."""
+        return {n: p.data_ptr() for n, p in self.trained.model.backbone.named_parameters()}
+
+
+def _weights_sha256(run_path: Path) -> dict[str, str]:
+    from tunelab.track.run_dir import sha256
+
+    files = sorted((run_path / "model").rglob("*.safetensors"))
+    return {str(f.relative_to(run_path)): sha256(f) for f in files}
+
+
+class BasePool:
+    """Base backbones by what makes two runs' bases the same weights, with the names that use each."""
+
+    def __init__(self):
+        self._bases: dict[str, tuple[nn.Module, set[str]]] = {}
+
+    @staticmethod
+    def key(cfg, pretrained_kwargs: dict) -> str:
+        kind = "classification" if cfg.task == "classification" else "lm"
+        from tunelab.models.registry import resolve_model
+
+        quant = {k: (v.to_dict() if hasattr(v, "to_dict") else str(v)) for k, v in sorted(pretrained_kwargs.items())}
+        return json.dumps([resolve_model(cfg.model.name), cfg.model.revision, cfg.model.trust_remote_code,
+                           cfg.model.attention, kind, quant], sort_keys=True, default=str)
+
+    def acquire(self, key: str, name: str, cfg, pretrained_kwargs: dict) -> nn.Module:
+        if key not in self._bases:
+            from tunelab.models.loading import load_task_model
+
+            # The head is the run's own; only the backbone is kept. num_labels=2 builds a throwaway head.
+            model, _, _ = load_task_model(cfg.model, cfg.task, num_labels=2, pretrained_kwargs=pretrained_kwargs)
+            self._bases[key] = (model.backbone.eval(), set())
+        base, users = self._bases[key]
+        users.add(name)
+        return share_weights(base)
+
+    def release(self, key: str | None, name: str) -> None:
+        if key in self._bases:
+            users = self._bases[key][1]
+            users.discard(name)
+            if not users:
+                del self._bases[key]  # the last run on this base is gone: let its weights be freed
+
+    def __len__(self) -> int:
+        return len(self._bases)
+
+
+class ModelRegistry:
+    """Thread-safe name -> ServedModel map; loads go through the pool so bases are shared."""
+
+    def __init__(self, served_json: Path | None = None):
+        self._models: dict[str, ServedModel] = {}
+        self._pool = BasePool()
+        self._lock = threading.RLock()
+        self._versions: dict[str, int] = {}
+        self._history: list[dict] = []  # every load and unload, for served.json
+        self.served_json = served_json
+        self.started = now_iso()
+
+    def get(self, name: str) -> ServedModel | None:
+        return self._models.get(name)
+
+    def names(self) -> list[str]:
+        return list(self._models)
+
+    def models(self) -> list[ServedModel]:
+        return list(self._models.values())
+
+    @property
+    def bases_loaded(self) -> int:
+        return len(self._pool)
+
+    def load(self, name: str, source: str | Path) -> ServedModel:
+        """Load a run directory under `name`, replacing any model of that name."""
+        from tunelab.config import load_config
+        from tunelab.inference.trained import TrainedModel
+        from tunelab.methods import get_method
+        from tunelab.track.run_dir import RunDir
+
+        path = Path(source)
+        if (path / "export.json").is_file() and not (path / "config.yaml").is_file():
+            raise TunelabError(f"{path}: export folders cannot be served yet; serve the run directory it came from")
+        run = RunDir(path)
+        if not run.config_path.is_file():
+            raise TunelabError(f"{path}: not a run directory (no config.yaml)")
+        cfg = load_config(run.config_path)
+        method = get_method(cfg.method.name)
+        key = backbone = None
+        with self._lock:
+            if cfg.method.name != "full":  # full fine-tuning replaces every base weight: nothing to share
+                from tunelab.inference.trained import resolve_precision
+
+                kwargs = method.pretrained_kwargs(cfg.method, resolve_precision(cfg.train.precision))
+                key = BasePool.key(cfg, kwargs)
+                backbone = self._pool.acquire(key, name, cfg, kwargs)
+            try:
+                trained = TrainedModel(path, base_backbone=backbone)
+            except BaseException:
+                self._release_unless_used(key, name)
+                raise
+            version = self._versions.get(name, 0) + 1
+            self._versions[name] = version
+            manifest = run.manifest() if (run.path / "manifest.json").is_file() else {}
+            lineage = {
+                "name": name, "version": version, "source": str(path.resolve()), "source_type": "run",
+                "task": cfg.task, "method": cfg.method.name, "base_model": cfg.model.name,
+                "run_status": manifest.get("status"), "run_finished": manifest.get("finished"),
+                "git_commit": manifest.get("git_commit"), "weights_sha256": _weights_sha256(run.path),
+                "loaded_at": now_iso(), "unloaded_at": None,
+            }
+            served = ServedModel(name, path, trained, version, key, lineage["loaded_at"], lineage)
+            old = self._models.get(name)
+            self._models[name] = served
+            if old is not None:
+                self._retire(old)
+            self._history.append(lineage)
+            self._write_served_json()
+            return served
+
+    def unload(self, name: str) -> bool:
+        with self._lock:
+            served = self._models.pop(name, None)
+            if served is None:
+                return False
+            self._retire(served)
+            self._write_served_json()
+            return True
+
+    def _retire(self, served: ServedModel) -> None:
+        served.lineage["unloaded_at"] = now_iso()
+        self._release_unless_used(served.base_key, served.name)
+
+    def _release_unless_used(self, key: str | None, name: str) -> None:
+        current = self._models.get(name)
+        if current is None or current.base_key != key:  # a reload on the same base still needs it
+            self._pool.release(key, name)
+
+    def _write_served_json(self) -> None:
+        if self.served_json is None:
+            return
+        from tunelab.track.run_dir import write_json_atomic
+
+        self.served_json.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.served_json, {
+            "schema": SERVED_SCHEMA, "started": self.started, "updated": now_iso(), "updated_unix": time.time(),
+            "loaded": [m.lineage for m in self._models.values()], "history": self._history,
+        })
