@@ -91,3 +91,53 @@ def make_config(**sections) -> dict:
         else:
             raw[key] = value
     return raw
+
+
+@pytest.fixture(scope="session")
+def tiny_chatty_decoder(tmp_path_factory) -> str:
+    """tiny_decoder with weights drawn 15x wider (std 0.3): its greedy text then depends on the prompt (at
+    std 0.02 every prompt gives the same newlines), so tests can tell two prompts or templates apart."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tunelab.models.registry import smollm2_dir
+
+    out = tmp_path_factory.mktemp("tiny-chatty-decoder")
+    tok = AutoTokenizer.from_pretrained(smollm2_dir())
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, initializer_range=0.3,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        architectures=["LlamaForCausalLM"],
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def serve_runs(tmp_path_factory, tiny_encoder, tiny_chatty_decoder) -> dict[str, Path]:
+    """Tiny trained runs for the serving tests: every technique on one decoder base (instruction tuning),
+    a plain-text run, and two classifiers on one encoder base. Name -> run directory."""
+    from serve_helpers import instruction_files, train_run
+
+    folder = tmp_path_factory.mktemp("serve-runs")
+    itrain, itest = instruction_files(folder)
+    rows = [json.loads(line) for line in (DATA / "sst2" / "train.jsonl").read_text().splitlines()[:64]]
+    ctrain, ctest = write_jsonl(folder / "c-train.jsonl", rows[:48]), write_jsonl(folder / "c-test.jsonl", rows[48:])
+    ltrain = write_jsonl(folder / "lm-train.jsonl", [{"text": r["text"]} for r in rows[:48]])
+    ltest = write_jsonl(folder / "lm-test.jsonl", [{"text": r["text"]} for r in rows[48:]])
+    methods = {
+        "lora": {"name": "lora", "rank": 4}, "dora": {"name": "dora", "rank": 4}, "qlora": {"name": "qlora", "rank": 4},
+        "ia3": {"name": "ia3"}, "prompt": {"name": "prompt", "num_virtual_tokens": 4},
+        "prefix": {"name": "prefix", "num_virtual_tokens": 4}, "adapter": {"name": "adapter", "reduction_factor": 4},
+        "full": {"name": "full"},
+    }
+    runs = {f"chat-{k}": train_run(folder, f"chat-{k}", tiny_chatty_decoder, "instruction", m, itrain, itest)
+            for k, m in methods.items()}
+    runs["text-lora"] = train_run(folder, "text-lora", tiny_chatty_decoder, "causal_lm", methods["lora"], ltrain,
+                                  ltest)
+    for k in ("lora", "ia3"):
+        runs[f"sentiment-{k}"] = train_run(folder, f"sentiment-{k}", tiny_encoder, "classification", methods[k],
+                                           ctrain, ctest)
+    return runs

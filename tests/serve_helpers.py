@@ -17,7 +17,7 @@ def instruction_files(folder: Path) -> tuple[Path, Path]:
     return write_jsonl(folder / "instr-train.jsonl", rows[:24]), write_jsonl(folder / "instr-test.jsonl", rows[24:])
 
 
-def train_run(folder: Path, name: str, model: str, task: str, method: dict, train: Path, test: Path,
+def train_run(folder: Path, name: str, model: str, task: str, method: dict, train_file: Path, test_file: Path,
               **sections) -> Path:
     """Train a few steps on a tiny model; returns the run directory."""
     from tunelab.config import validate_config
@@ -25,7 +25,7 @@ def train_run(folder: Path, name: str, model: str, task: str, method: dict, trai
 
     raw = make_config(
         task=task, model={"name": model, "dropout": 0.0},
-        data={"train": str(train), "test": str(test), "max_length": 32 if task == "classification" else 64,
+        data={"train": str(train_file), "test": str(test_file), "max_length": 32 if task == "classification" else 64,
               "max_train_samples": 24},
         method=method, train={"max_steps": 2, "batch_size": 8}, eval={"num_samples": 0, "untuned": False},
         output={"dir": str(folder), "name": name},

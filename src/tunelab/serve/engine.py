@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import secrets
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -23,6 +24,9 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from tunelab.evaluate.runner import autocast
+
+# PEFT says this on every prompt-tuning generate call; it drops position ids by design and the answer is right.
+warnings.filterwarnings("ignore", message="Position ids are not supported for parameter efficient tuning")
 
 
 @dataclass
