@@ -36,7 +36,6 @@ class ServerMetrics:
         self.batch_size = Histogram("tunelab_batch_size", "Rows in each batch the model ran.", ["model", "kind"],
                                     buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("tunelab_queue_depth", "Requests waiting for the model.", registry=r)
-        self.in_flight = Gauge("tunelab_requests_in_flight", "Requests admitted and not yet answered.", registry=r)
         self.loaded = Gauge("tunelab_model_loaded", "1 while the model is loaded.", ["model", "task", "method"],
                             registry=r)
 
