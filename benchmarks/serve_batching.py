@@ -116,6 +116,7 @@ def main(argv=None) -> None:
     ap.add_argument("--generate-requests", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--results", default="serve_batching")
+    ap.add_argument("--plot", default=None, help="also draw the results as a PNG here (docs/img/serve-batching.png)")
     args = ap.parse_args(argv)
 
     texts, asks, classify, generate = workloads(args.classify_requests, args.generate_requests, args.max_tokens)
@@ -169,7 +170,34 @@ def main(argv=None) -> None:
     lines += [f"| {k} | {fmt(v)} |" for k, v in summary["ratios"].items()]
     with open(results_path(args.results, "md"), "a", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
+    if args.plot:
+        plot(summary, Path(args.plot))
     print(json.dumps(summary["ratios"], indent=1))
+
+
+def plot(summary: dict, path: Path) -> None:
+    """Two bar charts (classification requests/s, generation tokens/s), median with min-max whiskers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    setups = list(summary["setups"])
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, (metric, title) in zip(axes, (("classify_rps", "classification, requests/s"),
+                                          ("generate_tps", f"generation, tokens/s (<= {summary['max_tokens']} new)"))):
+        stats = [summary["setups"][s][metric] for s in setups]
+        med = [x["median"] for x in stats]
+        err = [[m - x["min"] for m, x in zip(med, stats)], [x["max"] - m for m, x in zip(med, stats)]]
+        ax.bar(setups, med, yerr=err, capsize=4, color=["#3456d1", "#98a2b3", "#f79009"])
+        ax.set_title(title, fontsize=10)
+        for i, m in enumerate(med):
+            ax.text(i, m, f"{m:g}", ha="center", va="bottom", fontsize=9)
+    fig.suptitle(f"tunelab serve, {summary['clients']} concurrent clients ({summary['cpu']}, "
+                 f"{summary['cores']} cores)", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
