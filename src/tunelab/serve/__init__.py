@@ -8,6 +8,7 @@
   auth.py        API keys (stored hashed), per-key token buckets
   metrics.py     Prometheus metrics with model and key_id labels
   request_log.py one JSONL line per request, rotated by size
+  state.py       what a running server holds; the one place a request is counted and logged
   server.py      uvicorn with graceful shutdown
   batch_job.py   resumable offline batch inference
 
