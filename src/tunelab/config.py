@@ -264,7 +264,7 @@ def one_line_error(err: ValidationError, root: type[BaseModel], kind: str = "con
     """
     first = err.errors()[0]
     loc = list(first["loc"])
-    keys, section, union = _walk(root, loc)
+    keys, _, union = _walk(root, loc)
     key = ".".join(([prefix] if prefix else []) + keys) or "(top level)"
     what = f"{kind} key {key!r}"
     error = first["type"]

@@ -8,10 +8,12 @@
 - a crash, an out-of-memory kill included, stays inside its own trial;
 - nothing a trial loads (a model, a compiled graph, a quantized base) leaks into the next.
 
-The parent never imports torch: it only parses configs, starts trials and reads their results, so the child
-starts from a small process (and on Linux inherits the parent's imported modules by fork). Periodic
-validations travel from the child to the parent over a pipe, and the parent answers whether to go on: that
-is how a sweep's pruner, which lives in the parent with the study, stops a trial.
+The command line's parent process never imports torch: it only parses configs, starts trials and reads their
+results. On Linux such a parent forks (the child starts with the parent's small set of imported modules); a
+parent that has loaded torch (a notebook, a test session) starts a fresh interpreter instead (spawn), since a
+forked copy would carry its memory into the trial's peak and cannot use CUDA once the parent has. Periodic
+validations travel from the child to the parent over a pipe, and the parent answers whether to go on: that is
+how a sweep's pruner, which lives in the parent with the study, stops a trial.
 
 A child dies with its parent (Linux: PR_SET_PDEATHSIG): a killed sweep leaves no trial training on behind
 it, and the trial's run directory says `running` until the resumed sweep marks it failed.
@@ -50,9 +52,7 @@ def run_trial(cfg: RunConfig, console: Console, on_eval: Callable[[int, dict], N
     raised here once the trial's process has ended. A user error in the trial (bad data, a technique that
     cannot apply) is raised here as the same TunelabError class; any other failure as TrialFailed.
     """
-    # fork where it is safe (Linux): the child starts from this process's modules; spawn elsewhere (macOS's
-    # system libraries are not fork-safe). Either way the parent holds no model and no torch state to copy.
-    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    context = multiprocessing.get_context(_start_method())
     parent_end, child_end = context.Pipe()
     process = context.Process(target=_trial_process, args=(cfg, child_end, on_eval is not None, os.getpid()),
                               name=f"tunelab-trial-{cfg.output.name}")
@@ -100,6 +100,13 @@ def run_trial(cfg: RunConfig, console: Console, on_eval: Callable[[int, dict], N
         killed = " (killed: out of memory?)" if code in (-signal.SIGKILL, 137) else ""
         raise TrialFailed(f"the trial's process exited with status {code}{killed}")
     return result
+
+
+def _start_method() -> str:
+    """fork where it is safe and cheap: on Linux, from a process that holds no torch state (the command line's);
+    spawn otherwise (macOS's system libraries are not fork-safe; a parent with torch loaded would lend the trial
+    its memory and, on a GPU, a CUDA context the child cannot use)."""
+    return "fork" if sys.platform.startswith("linux") and "torch" not in sys.modules else "spawn"
 
 
 def _trial_process(cfg: RunConfig, conn, report_evals: bool, parent_pid: int) -> None:
