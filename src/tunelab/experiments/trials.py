@@ -3,7 +3,7 @@
 `tunelab compare` (one trial per technique) and `tunelab sweep` (one per sampled configuration) both call
 `run_trial`. A process per trial, because:
 
-- peak memory is a process-lifetime high-water mark (ru_maxrss on CPU): trials sharing one process would
+- peak memory is a process-lifetime high-water mark (peak RSS on CPU): trials sharing one process would
   each report the largest peak so far, not their own;
 - a crash, an out-of-memory kill included, stays inside its own trial;
 - nothing a trial loads (a model, a compiled graph, a quantized base) leaks into the next.

@@ -319,7 +319,7 @@ def estimate(cfg: RunConfig, *, device=None, precision: str | None = None, token
         notes.append(f"runtime = the CUDA context ({CUDA_CONTEXT_BYTES / GB:.1f} GB); torch's allocated-memory peak "
                      "does not see it, so peak_memory_bytes leaves it out")
     else:
-        notes.append("CPU: the peak is process RSS (ru_maxrss), allocator slack included; it grows a little "
+        notes.append("CPU: the peak is the process's peak RSS (VmHWM), allocator slack included; it grows a little "
                      "over long runs with varying batch shapes")
     return Plan(
         model=cfg.model.name,

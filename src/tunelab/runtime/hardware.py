@@ -85,10 +85,24 @@ def configure_cpu_heap(mode: str) -> str:
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak GPU memory allocated by tensors on CUDA; the process's peak resident set size on CPU."""
+    """Peak GPU memory allocated by tensors on CUDA; on CPU the process's peak resident set size.
+
+    On Linux that is VmHWM, the high-water mark of this process's own memory since it started its program.
+    Not getrusage's ru_maxrss: Linux carries the parent's high-water mark into a child when it execs, so a
+    run started by a large process (a notebook, a test session, a sweep that trained before) would report the
+    parent's peak instead of its own (measured: 811 MiB reported by a 12 MiB child).
+    """
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+    try:
+        with open("/proc/self/status", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    maxrss = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return maxrss if platform.system() == "Darwin" else maxrss * 1024  # macOS reports bytes, the others KiB
 
 
 def describe() -> dict:
