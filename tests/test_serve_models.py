@@ -102,24 +102,3 @@ def test_export_folder_is_refused_in_one_line(tmp_path):
     with pytest.raises(TunelabError, match="export folders cannot be served yet"):
         ModelRegistry().load("x", tmp_path)
 
-
-def test_serve_never_imports_training_or_experiments():
-    import ast
-    from pathlib import Path
-
-    folder = Path(__file__).resolve().parents[1] / "src" / "tunelab" / "serve"
-    forbidden = ("tunelab.train", "tunelab.experiments", "tunelab.compare", "tunelab.sweep", "tunelab.profile")
-    for path in folder.glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            assert not [n for n in names if n.startswith(forbidden)], f"{path.name} imports {names}"
-
-
-def test_the_cli_stays_light_without_a_server():
-    import subprocess
-    import sys
-
-    code = ("import sys, tunelab.cli; heavy = [m for m in ('fastapi', 'uvicorn', 'prometheus_client', 'openai') "
-            "if m in sys.modules]; print(heavy)")
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"

@@ -51,12 +51,14 @@ def serve(
     from tunelab.serve.server import serve as run_server
     from tunelab.serve.state import ServeSettings
 
+    from tunelab.runtime.run_dir import RunDir
+
     parsed = [parse_source(s) for s in sources]
     names = [n for n, _ in parsed]
     for name, path in parsed:
         if names.count(name) > 1:
             raise TunelabError(f"two sources are named '{name}': name them, e.g. {name}-2={path}")
-        if not (path / "config.yaml").is_file():
+        if not RunDir(path).is_run() and not (path / "export.json").is_file():
             raise TunelabError(f"{path}: not a run directory (no config.yaml)")
     if api_keys is not None:
         KeyStore.load(api_keys)  # a bad keys file fails here, in one line, before anything loads

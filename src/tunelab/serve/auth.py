@@ -93,7 +93,7 @@ class KeyStore:
 
 def add_key(path: str | Path, key_id: str, admin: bool = False, rate_limit: str | None = None) -> str:
     """Create a key, store its hash in the file (created if missing), and return the key itself."""
-    from tunelab.track.run_dir import write_json_atomic
+    from tunelab.runtime.atomic import atomic_write_json
 
     path = Path(path)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", key_id):
@@ -112,7 +112,7 @@ def add_key(path: str | Path, key_id: str, admin: bool = False, rate_limit: str 
         entry["rate_limit"] = rate_limit
     raw["keys"].append(entry)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, raw)
+    atomic_write_json(path, raw)
     return key
 
 

@@ -127,11 +127,11 @@ class ServedModel:
         return {n: p.data_ptr() for n, p in self.trained.model.backbone.named_parameters()}
 
 
-def _weights_sha256(run_path: Path) -> dict[str, str]:
-    from tunelab.track.run_dir import sha256
+def _weights_sha256(run) -> dict[str, str]:
+    from tunelab.runtime.run_dir import sha256
 
-    files = sorted((run_path / "model").rglob("*.safetensors"))
-    return {str(f.relative_to(run_path)): sha256(f) for f in files}
+    files = sorted(run.model_dir.rglob("*.safetensors"))
+    return {str(f.relative_to(run.path)): sha256(f) for f in files}
 
 
 class BasePool:
@@ -201,20 +201,20 @@ class ModelRegistry:
         from tunelab.config import load_config
         from tunelab.inference.trained import TrainedModel
         from tunelab.methods import get_method
-        from tunelab.track.run_dir import RunDir
+        from tunelab.runtime.run_dir import RunDir
 
         path = Path(source)
-        if (path / "export.json").is_file() and not (path / "config.yaml").is_file():
-            raise TunelabError(f"{path}: export folders cannot be served yet; serve the run directory it came from")
         run = RunDir(path)
-        if not run.config_path.is_file():
+        if (path / "export.json").is_file() and not run.is_run():
+            raise TunelabError(f"{path}: export folders cannot be served yet; serve the run directory it came from")
+        if not run.is_run():
             raise TunelabError(f"{path}: not a run directory (no config.yaml)")
         cfg = load_config(run.config_path)
         method = get_method(cfg.method.name)
         key = backbone = None
         with self._lock:
             if cfg.method.name != "full":  # full fine-tuning replaces every base weight: nothing to share
-                from tunelab.inference.trained import resolve_precision
+                from tunelab.runtime.hardware import resolve_precision
 
                 kwargs = method.pretrained_kwargs(cfg.method, resolve_precision(cfg.train.precision))
                 key = BasePool.key(cfg, kwargs)
@@ -226,12 +226,12 @@ class ModelRegistry:
                 raise
             version = self._versions.get(name, 0) + 1
             self._versions[name] = version
-            manifest = run.manifest() if (run.path / "manifest.json").is_file() else {}
+            manifest = run.manifest() if run.manifest_path.is_file() else {}
             lineage = {
                 "name": name, "version": version, "source": str(path.resolve()), "source_type": "run",
                 "task": cfg.task, "method": cfg.method.name, "base_model": cfg.model.name,
                 "run_status": manifest.get("status"), "run_finished": manifest.get("finished"),
-                "git_commit": manifest.get("git_commit"), "weights_sha256": _weights_sha256(run.path),
+                "git_commit": manifest.get("git_commit"), "weights_sha256": _weights_sha256(run),
                 "loaded_at": now_iso(), "unloaded_at": None,
             }
             served = ServedModel(name, path, trained, version, key, lineage["loaded_at"], lineage)
@@ -264,10 +264,10 @@ class ModelRegistry:
     def _write_served_json(self) -> None:
         if self.served_json is None:
             return
-        from tunelab.track.run_dir import write_json_atomic
+        from tunelab.runtime.atomic import atomic_write_json
 
         self.served_json.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.served_json, {
+        atomic_write_json(self.served_json, {
             "schema": SERVED_SCHEMA, "started": self.started, "updated": now_iso(), "updated_unix": time.time(),
             "loaded": [m.lineage for m in self._models.values()], "history": self._history,
         })
