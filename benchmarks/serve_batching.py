@@ -115,6 +115,7 @@ def main(argv=None) -> None:
     ap.add_argument("--classify-requests", type=int, default=320)
     ap.add_argument("--generate-requests", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--tasks", nargs="+", choices=["classify", "generate"], default=["classify", "generate"])
     ap.add_argument("--results", default="serve_batching")
     ap.add_argument("--plot", default=None, help="also draw the results as a PNG here (docs/img/serve-batching.png)")
     args = ap.parse_args(argv)
@@ -129,13 +130,17 @@ def main(argv=None) -> None:
     try:
         for round_ in range(args.repeats):
             for name, url in (("batched", url_b), ("batch-1", url_1)):
-                wall, _ = measure_server(url, classify)
-                rows[name]["classify_rps"].append(len(classify) / wall)
-                wall, tokens = measure_server(url, generate)
-                rows[name]["generate_tps"].append(tokens / wall)
-            rows["pipeline"]["classify_rps"].append(len(texts) / pipes.classify(texts))
-            wall, tokens = pipes.generate(asks, args.max_tokens)
-            rows["pipeline"]["generate_tps"].append(tokens / wall)
+                if "classify" in args.tasks:
+                    wall, _ = measure_server(url, classify)
+                    rows[name]["classify_rps"].append(len(classify) / wall)
+                if "generate" in args.tasks:
+                    wall, tokens = measure_server(url, generate)
+                    rows[name]["generate_tps"].append(tokens / wall)
+            if "classify" in args.tasks:
+                rows["pipeline"]["classify_rps"].append(len(texts) / pipes.classify(texts))
+            if "generate" in args.tasks:
+                wall, tokens = pipes.generate(asks, args.max_tokens)
+                rows["pipeline"]["generate_tps"].append(tokens / wall)
             print(f"round {round_ + 1}: " + json.dumps({k: {m: round(v[-1], 1) for m, v in r.items()}
                                                           for k, r in rows.items()}), flush=True)
     finally:
@@ -146,15 +151,14 @@ def main(argv=None) -> None:
         "command": " ".join(shlex.quote(a) for a in sys.argv), "cpu": cpu_name(), "cores": os.cpu_count(),
         "loadavg_before": before, "loadavg_after": loadavg(), "clients": CLIENTS,
         "classify_requests": len(classify), "generate_requests": len(generate), "max_tokens": args.max_tokens,
-        "setups": {k: {m: spread(v) for m, v in r.items()} for k, r in rows.items()},
+        "setups": {k: {m: spread(v) for m, v in r.items() if v} for k, r in rows.items()},
     }
     ratio = lambda metric, a, b: [x / y for x, y in zip(rows[a][metric], rows[b][metric])]  # noqa: E731  paired per round
-    summary["ratios"] = {
-        "classify_batched_vs_batch1": spread(ratio("classify_rps", "batched", "batch-1")),
-        "generate_batched_vs_batch1": spread(ratio("generate_tps", "batched", "batch-1")),
-        "classify_batched_vs_pipeline": spread(ratio("classify_rps", "batched", "pipeline")),
-        "generate_batched_vs_pipeline": spread(ratio("generate_tps", "batched", "pipeline")),
-    }
+    summary["ratios"] = {}
+    for task, metric in (("classify", "classify_rps"), ("generate", "generate_tps")):
+        if task in args.tasks:
+            summary["ratios"][f"{task}_batched_vs_batch1"] = spread(ratio(metric, "batched", "batch-1"))
+            summary["ratios"][f"{task}_batched_vs_pipeline"] = spread(ratio(metric, "batched", "pipeline"))
     path = results_path(args.results, "json")
     records = json.loads(path.read_text()) if path.exists() else []
     path.write_text(json.dumps(records + [summary], indent=2) + "\n")
@@ -165,7 +169,8 @@ def main(argv=None) -> None:
              f"| setup | classification requests/s ({len(classify)} requests, {CLIENTS} clients) | generation tokens/s "
              f"({len(generate)} requests x <= {args.max_tokens} tokens, {CLIENTS} clients) |", "|---|---:|---:|"]
     for name, r in summary["setups"].items():
-        lines.append(f"| {name} | {fmt(r['classify_rps'])} | {fmt(r['generate_tps'])} |")
+        cells = [fmt(r[m]) if m in r else "not run" for m in ("classify_rps", "generate_tps")]
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
     lines += ["", "| ratio (paired per round) | median (min-max) |", "|---|---:|"]
     lines += [f"| {k} | {fmt(v)} |" for k, v in summary["ratios"].items()]
     with open(results_path(args.results, "md"), "a", encoding="utf-8") as f:
@@ -186,6 +191,10 @@ def plot(summary: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for ax, (metric, title) in zip(axes, (("classify_rps", "classification, requests/s"),
                                           ("generate_tps", f"generation, tokens/s (<= {summary['max_tokens']} new)"))):
+        if any(metric not in summary["setups"][s] for s in setups):
+            ax.set_title(title + ": not run", fontsize=10)
+            ax.axis("off")
+            continue
         stats = [summary["setups"][s][metric] for s in setups]
         med = [x["median"] for x in stats]
         err = [[m - x["min"] for m, x in zip(med, stats)], [x["max"] - m for m, x in zip(med, stats)]]
