@@ -141,7 +141,7 @@ def main(argv=None) -> None:
             if "generate" in args.tasks:
                 wall, tokens = pipes.generate(asks, args.max_tokens)
                 rows["pipeline"]["generate_tps"].append(tokens / wall)
-            print(f"round {round_ + 1}: " + json.dumps({k: {m: round(v[-1], 1) for m, v in r.items()}
+            print(f"round {round_ + 1}: " + json.dumps({k: {m: round(v[-1], 1) for m, v in r.items() if v}
                                                           for k, r in rows.items()}), flush=True)
     finally:
         stop_server(batched)

@@ -47,12 +47,17 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="tunelab-engine")
         self._seconds_per_batch = 0.1  # running mean, for Retry-After estimates
+        self._running: list = []  # the jobs of the group on the engine thread now
 
     def start(self) -> None:
         self._wakeup = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
+        """After uvicorn's graceful period: whatever still decodes has no one waiting for it (or ran out of
+        --shutdown-timeout), so it stops at its next token instead of holding the exit for a whole batch."""
+        for job in self._running:
+            job.cancelled = True
         if self._task is not None:
             self._task.cancel()
             try:
@@ -113,10 +118,13 @@ class Batcher:
         started = time.perf_counter()
         error = None
         if jobs:
+            self._running = jobs
             try:
                 await asyncio.get_running_loop().run_in_executor(self._executor, _run_jobs, served, jobs)
             except Exception as e:  # one bad group must not stop the server: its requests get the error
                 error = e
+            finally:
+                self._running = []
         elapsed = time.perf_counter() - started
         self._seconds_per_batch = 0.8 * self._seconds_per_batch + 0.2 * elapsed
         if self.metrics is not None:
