@@ -70,6 +70,8 @@ def write_json_atomic(path: Path, obj) -> None:
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        # Called with each metrics.jsonl record after it is written (the MLflow tracker batches them).
+        self.listeners: list = []
 
     @classmethod
     def create(cls, cfg: RunConfig, hardware: dict) -> RunDir:
@@ -117,8 +119,11 @@ class RunDir:
         self.write_manifest({**self.manifest(), **fields})
 
     def log(self, record: dict) -> None:
+        record = {"time": round(time.time(), 3), **record}
         with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+            f.write(json.dumps(record) + "\n")
+        for listener in self.listeners:
+            listener(record)
 
     def finish(self, metrics: dict) -> None:
         write_json_atomic(self.path / "metrics.json", metrics)
