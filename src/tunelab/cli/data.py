@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import datetime
 from pathlib import Path
 from typing import Optional
@@ -57,6 +58,9 @@ def check(
         from tunelab.models.loading import load_hf_config, load_tokenizer
 
         quiet_libraries()
+        # main() turns tokenizer threads off so forked workers cannot deadlock; nothing forks here, and
+        # counting tokens on every core halves this step on two cores.
+        os.environ["TOKENIZERS_PARALLELISM"] = "true"
         source, _ = load_hf_config(ModelConfig(name=model))
         tokenizer = load_tokenizer(source, ModelConfig(name=model))
         length = max_length or DataConfig.model_fields["max_length"].default

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import re
 import time
-import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +52,9 @@ KEPT = 200  # rows kept per finding in the report
 
 # UTF-8 bytes decoded as Latin-1/cp1252 turn "é" into "Ã©" and "’" into "â€™": this is the signature.
 _MOJIBAKE = re.compile("[ÃÂ][\u0080-\u00bf]|â€[\u0080-\u00bf™œ\u009d˜”“¦¢]")
-_CONTROL_OK = {"\t", "\n", "\r"}
+# Unicode category Cc less tab, newline and carriage return. C1 controls (U+0080-U+009F) in text are nearly
+# always Windows-1252 punctuation decoded as Latin-1: U+0096 was an en dash, U+0085 an ellipsis.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
 @dataclass
@@ -253,7 +254,9 @@ def exact_duplicates(rows: list[Row]) -> tuple[list[tuple[int, int]], dict[str, 
     return pairs, first
 
 
-def _within(f: DataFile, near: bool) -> list[Finding]:
+def _within(f: DataFile, near: bool, indexes: dict | None = None) -> list[Finding]:
+    """Duplicates inside one file; with near, also near duplicates (its LSH index is kept in `indexes`
+    for the leakage check)."""
     rows, total = f.rows, len(f.rows)
     pairs, _ = exact_duplicates(rows)
     out = [Finding("duplicates", f.path, len(pairs), total,
@@ -264,25 +267,29 @@ def _within(f: DataFile, near: bool) -> list[Finding]:
                            [f"line {rows[i].line} ('{rows[i].label}') repeats line {rows[j].line} ('{rows[j].label}')"
                             for i, j in conflicts]))
     if near:
-        matches = near_duplicates_within([r.text for r in rows], {i for i, _ in pairs})
+        matches, index = near_duplicates_within([r.text for r in rows], {i for i, _ in pairs})
+        if indexes is not None:
+            indexes[f.path] = index
         out.append(Finding("near_duplicates", f.path, len(matches), total,
                            [f"line {rows[m.row].line} ~ line {rows[m.other].line} (Jaccard {m.similarity:.2f})"
                             for m in matches]))
     return out
 
 
-def _leakage(checked: list[DataFile], against: DataFile, near: bool) -> Finding:
-    reference = [(f, row) for f in checked for row in f.rows]
-    index = {normalise(row.text): (f, row) for f, row in reversed(reference) if row.text.strip()}
+def _leakage(checked: list[DataFile], against: DataFile, indexes: dict | None = None) -> Finding:
+    """Rows of `against` equal (normalised) or, given the checked files' LSH indexes, nearly equal to a checked row."""
+    reference = [row for f in checked for row in f.rows]
+    index = {normalise(row.text): row for row in reversed(reference) if row.text.strip()}
     lines, exact = [], set()
     for j, row in enumerate(against.rows):
         hit = index.get(normalise(row.text)) if row.text.strip() else None
         if hit is not None:
             exact.add(j)
-            lines.append(f"line {row.line} equals {_short(hit[1].where)}")
-    if near:
-        for m in near_matches_across([r.text for _, r in reference], [r.text for r in against.rows], exact):
-            lines.append(f"line {against.rows[m.row].line} ~ {_short(reference[m.other][1].where)} "
+            lines.append(f"line {row.line} equals {_short(hit.where)}")
+    if indexes:
+        files = [f for f in checked if f.path in indexes]
+        for m, n in near_matches_across([indexes[f.path] for f in files], [r.text for r in against.rows], exact):
+            lines.append(f"line {against.rows[m.row].line} ~ {_short(files[n].rows[m.other].where)} "
                          f"(Jaccard {m.similarity:.2f})")
     return Finding("leakage", against.path, len(lines), len(against.rows), lines)
 
@@ -299,10 +306,10 @@ def _text_problems(f: DataFile) -> list[Finding]:
         blank = [name for name, value in row.fields.items() if not value.strip() and name not in ("input", "output")]
         if blank:
             empty.append(f"line {row.line}: {', '.join(blank)} empty")
-        bad_chars = sorted({f"U+{ord(c):04X}" for value in row.fields.values() for c in value
-                            if unicodedata.category(c) == "Cc" and c not in _CONTROL_OK})
+        bad_chars = sorted({f"U+{ord(c):04X}" for c in _CONTROL.findall(row.text)})
         if bad_chars:
-            control.append(f"line {row.line}: {', '.join(bad_chars[:4])}")
+            hint = " (Windows-1252 punctuation read as Latin-1?)" if any("U+0080" <= c <= "U+009F" for c in bad_chars) else ""
+            control.append(f"line {row.line}: {', '.join(bad_chars[:4])}{hint}")
         if row.bad_utf8:
             encoding.append(f"line {row.line}: not valid UTF-8")
         else:
@@ -399,10 +406,12 @@ def check_files(paths: list[str], against: str | None = None, *, task: str | Non
 
     findings: list[Finding] = []
     start = time.perf_counter()
-    for f in files + ([other] if other else []):
-        findings += _within(f, near) + _text_problems(f)
+    indexes: dict = {}
+    for f in files:
+        findings += _within(f, near, indexes) + _text_problems(f)
     if other is not None:
-        findings.append(_leakage(files, other, near))
+        findings += _within(other, near) + _text_problems(other)
+        findings.append(_leakage(files, other, indexes if near else None))
     counts, label_findings = _labels(files, other)
     findings += label_findings
     seconds["checks"] = time.perf_counter() - start
@@ -428,6 +437,6 @@ def quick_check(train: list[dict], held_out: list[list[dict]], task: str, train_
     for examples, path in zip(held_out, held_out_paths, strict=True):
         if examples:
             other = DataFile(path, "against", task, rows_from_examples(examples, task))
-            findings.append(_leakage([checked], other, near=False))
+            findings.append(_leakage([checked], other))
             files.append(other)
     return QualityReport(files, findings)
