@@ -21,6 +21,9 @@ from dataclasses import dataclass
 
 THRESHOLD = 0.8  # Jaccard of word 3-grams at or above which two texts are near duplicates
 NUM_PERM = 128  # signature length: the estimate's standard error is about 1/sqrt(128) = 0.09
+# LSH bands are tuned for a lower similarity than THRESHOLD: banding finds a pair right at its own threshold
+# only about half the time, so a 0.8 pair would often be missed. Candidates are verified exactly anyway.
+LSH_THRESHOLD = 0.6
 MIN_WORDS = 8
 SHINGLE = 3
 _WORD = re.compile(r"\w+")
@@ -59,7 +62,7 @@ class NearDuplicateIndex:
         from datasketch import MinHashLSH
 
         self.threshold, self.num_perm = threshold, num_perm
-        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        self.lsh = MinHashLSH(threshold=LSH_THRESHOLD, num_perm=num_perm)
         self.sets: dict[int, frozenset[bytes]] = {}
 
     def signatures(self, sets: list[frozenset[bytes]]) -> list:

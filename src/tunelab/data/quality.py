@@ -232,8 +232,9 @@ def read_file(path: str, role: str, kind: str | None, columns: dict[str, str]) -
 
 def rows_from_examples(examples: list[dict], task: str) -> list[Row]:
     """Checked training examples (data/examples.py) as rows, for the cheap checks `tunelab train` runs."""
-    kind = "instruction" if task == "instruction" else task
-    return [row_from_fields(ex, ex["where"], kind) for ex in examples]
+    rows = [row_from_fields(ex, ex["where"], task) for ex in examples]
+    # Splits are shuffled; in file order, "line 9 repeats line 3" names the later line as the repeat.
+    return sorted(rows, key=lambda r: (r.where.rsplit(":", 1)[0], int(r.line) if r.line.isdigit() else 0))
 
 
 # --------------------------------------------------------------------------- the checks
