@@ -35,6 +35,7 @@ from rich.console import Console
 
 from tunelab.config import RunConfig, apply_overrides, dump_config, method_names, read_config_file, validate_config
 from tunelab.errors import ConfigError, TunelabError
+from tunelab.track.tracking import parent_run
 
 
 class CompareSection(BaseModel):
@@ -112,6 +113,18 @@ def run_comparison(path: str | Path, methods: list[str] | None, overrides: list[
     if compare_dir.exists() and any(compare_dir.iterdir()):
         raise TunelabError(f"{compare_dir} already exists; set output.name to a new name or remove it")
     compare_dir.mkdir(parents=True, exist_ok=True)
+    first = next(iter(configs.values()))
+    # Each technique's MLflow run is filed under one parent run, which gets the comparison report.
+    with parent_run(first.track, compare_dir.parent, compare_dir.name, "compare", console,
+                    {"compare.methods": ",".join(configs)}) as parent:
+        entries = _train_each(configs, compare_dir, console)
+        write_compare_report(compare_dir, entries)
+        if parent is not None:
+            parent.log_report(compare_dir, _headline_metrics(entries))
+    return compare_dir, entries
+
+
+def _train_each(configs: dict[str, RunConfig], compare_dir: Path, console: Console) -> list[dict]:
     entries = []
     for i, (label, cfg) in enumerate(configs.items(), 1):
         console.rule(f"[bold]{i}/{len(configs)}  {label}")
@@ -126,8 +139,20 @@ def run_comparison(path: str | Path, methods: list[str] | None, overrides: list[
             console.print(f"[red]{label} failed:[/] {entry['error']}")
         entries.append(entry)
         (compare_dir / "entries.json").write_text(json.dumps(entries, indent=2))
-    write_compare_report(compare_dir, entries)
-    return compare_dir, entries
+    return entries
+
+
+def _headline_metrics(entries: list[dict]) -> dict[str, float]:
+    """Each completed technique's test accuracy or perplexity, for the parent run's metrics."""
+    out = {}
+    for e in entries:
+        path = Path(e["run_dir"] or "") / "metrics.json"
+        if e["status"] == "completed" and path.is_file():
+            test = json.loads(path.read_text()).get("eval") or {}
+            for key in ("accuracy", "perplexity"):
+                if isinstance(test.get(key), (int, float)):
+                    out[f"{e['method']}.test.{key}"] = test[key]
+    return out
 
 
 def _train_in_subprocess(config_path: Path) -> tuple[int, str | None]:

@@ -61,6 +61,7 @@ from rich.markup import escape  # a list choice such as [query, value] is not co
 
 from tunelab.config import RunConfig, apply_overrides, dump_config, read_config_file, validate_config
 from tunelab.errors import ConfigError, TunelabError
+from tunelab.track.tracking import parent_run
 
 # Which direction is better, per task family. Loss and perplexity fall as a model improves.
 METRICS = {
@@ -300,12 +301,19 @@ def run_sweep(config_path: str | None, overrides: list[str] | None, resume_dir: 
     try:
         study = _study(sweep, sweep_dir)
         _retry_interrupted(study, console)
-        try:
-            _search(study, sweep, sweep_dir, console)
-        finally:
-            _write_tables(study, sweep, sweep_dir)
-        _plot(study, sweep, sweep_dir, console)
-        _summary(study, sweep, sweep_dir, console)
+        base = sweep.base
+        # Every trial's MLflow run is filed under one parent run, which gets the sweep's tables and plots.
+        with parent_run(base.track, base.output.dir, sweep_dir.name, "sweep", console,
+                        {"sweep.metric": sweep.section.metric, "sweep.trials": sweep.section.trials}) as parent:
+            try:
+                _search(study, sweep, sweep_dir, console)
+            finally:
+                _write_tables(study, sweep, sweep_dir)
+            _plot(study, sweep, sweep_dir, console)
+            _summary(study, sweep, sweep_dir, console)
+            if parent is not None:
+                best = _best(study)
+                parent.log_report(sweep_dir, {f"best.validation.{sweep.section.metric}": best.value} if best else None)
     finally:
         lock.release()
     return sweep_dir
