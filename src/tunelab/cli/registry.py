@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -133,15 +132,10 @@ def ui(
     port: int = typer.Option(5000, "--port", min=0, max=65535),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind; 127.0.0.1 keeps it on this machine."),
 ):
-    """Browse tracked runs and registered models: starts `mlflow ui` on the embedded store."""
-    from tunelab.track.tracking import ARTIFACTS_NAME, DB_NAME
+    """Browse tracked runs and registered models: starts the MLflow UI on the embedded store."""
+    from tunelab.track.ui import ui_command
 
-    db = store / DB_NAME
-    if not db.is_file():
-        raise TunelabError(f"no MLflow store at {db}: train a run first (tracking is on by default), or give --dir")
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{db.resolve()}",
-               "--default-artifact-root", (store / ARTIFACTS_NAME).resolve().as_uri(),
-               "--host", host, "--port", str(port)]
+    command = ui_command(store, host, port)
     err.print(f"MLflow UI on http://{host}:{port} (Ctrl-C stops it)")
     try:
         raise typer.Exit(subprocess.call(command))
