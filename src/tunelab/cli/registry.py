@@ -27,13 +27,24 @@ def register_cmd(
     source: Path = typer.Argument(..., help="A finished run directory, or an export folder (export.json)."),
     name: str = typer.Option(..., "--name", help="Registered model name, e.g. sentiment."),
     uri: Optional[str] = typer.Option(None, "--uri", help=URI_HELP + " A run directory's own store comes first."),
+    alias: Optional[str] = typer.Option(None, "--alias", help="Also point this alias at the new version, e.g. champion."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Write {name, version, run_id, alias} here as JSON."),
 ):
     """Make a new model version whose artifact is the run's adapter/model, or the export."""
-    from tunelab.track.registry import register
+    from tunelab.track.registry import register, set_alias, source_run, store_for
+    from tunelab.track.run_dir import write_json_atomic
 
     mv = register(source, name, uri, err)
     out.print(f"registered {mv.name} version {mv.version} (run {mv.run_id})")
-    out.print(f"set an alias with: tunelab registry alias {mv.name}@champion {mv.version}")
+    if alias:
+        # In the store the version went to, which for a run directory may not be the default one
+        set_alias(f"{mv.name}@{alias}", str(mv.version), store_for(source_run(source), uri))
+        out.print(f"{mv.name}@{alias} -> version {mv.version}")
+    else:
+        out.print(f"set an alias with: tunelab registry alias {mv.name}@champion {mv.version}")
+    if output is not None:
+        write_json_atomic(output, {"name": mv.name, "version": str(mv.version), "run_id": mv.run_id, "alias": alias})
+
 
 
 @registry_app.command("alias")

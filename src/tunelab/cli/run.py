@@ -50,15 +50,21 @@ def train(
 def eval_cmd(
     run_dir: Path = typer.Argument(..., help=f"A finished run directory, or {REGISTRY_HELP}."),
     data: Path = typer.Option(..., "--data", help="Labelled file in the run's task format."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Also write the metrics here as JSON (e.g. for dvc metrics)."),
 ):
     """Evaluate a trained run on another labelled file."""
     from tunelab.inference.trained import TrainedModel
+    from tunelab.track.run_dir import write_json_atomic
 
     quiet_libraries()
     model = TrainedModel(resolve_source(run_dir))
     metrics = model.evaluate_file(str(data))
     print_metrics({"eval": metrics}, model.labels)
-    out.print_json(json.dumps({k: v for k, v in metrics.items() if k != "per_class"}))
+    flat = {k: v for k, v in metrics.items() if k != "per_class"}
+    out.print_json(json.dumps(flat))
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(output, flat)
 
 
 @app.command()

@@ -248,6 +248,18 @@ def _flat_numbers(obj: dict, prefix: str) -> dict[str, float]:
     return out
 
 
+def store_for(run: RunDir, uri: str | None = None) -> str:
+    """Where a run's versions go: --uri, else $MLFLOW_TRACKING_URI, else the store the run was tracked in,
+    else the embedded store under ./runs."""
+    manifest_uri = (run.manifest().get("mlflow") or {}).get("tracking_uri")
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or manifest_uri or registry_uri(None, must_exist=False)
+
+
+def source_run(source: Path) -> RunDir:
+    """The training run of a run directory or an export folder."""
+    return RunDir(export_source_run(source) if source_kind(source) == "export" else source)
+
+
 def register(source: str | Path, name: str, uri: str | None = None, console=None):
     """A new version of model `name` (created if new) from a run directory or an export folder."""
     from mlflow.exceptions import MlflowException
@@ -260,13 +272,12 @@ def register(source: str | Path, name: str, uri: str | None = None, console=None
     if not source.is_dir():
         raise TunelabError(f"{source}: no such directory")
     kind = source_kind(source)
-    run = RunDir(export_source_run(source) if kind == "export" else source)
+    run = source_run(source)
     if not (run.path / "metrics.json").is_file():
         raise TunelabError(f"{run.path}: the run did not complete (no metrics.json); only finished runs register")
     if kind == "run" and not (run.model_dir / "backbone").is_dir():
         raise TunelabError(f"{run.path}: has no trained model (model/backbone)")
-    manifest_uri = (run.manifest().get("mlflow") or {}).get("tracking_uri")
-    store = uri or os.environ.get("MLFLOW_TRACKING_URI") or manifest_uri or registry_uri(None, must_exist=False)
+    store = store_for(run, uri)
     client = open_client(store)
     run_id = _training_run(client, run, store, console)
     if kind == "run":
