@@ -54,6 +54,7 @@ def test_the_rest_api_finds_the_run(server):
     assert logged["inputs"]["dataset_inputs"][0]["dataset"]["digest"]
 
 
+@pytest.mark.slow  # a React page in a browser: about a minute on two loaded cores
 def test_the_runs_page_shows_the_run_in_chromium(server, tmp_path):
     from playwright.sync_api import sync_playwright
 
