@@ -167,3 +167,36 @@ def test_sweep_files_trials_under_a_parent_run(tmp_path, tiny_encoder, sentiment
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert sorted(r.info.run_name for r in children) == ["trial-000", "trial-001"]
     assert "trials.csv" in {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+
+
+def test_mlflow_is_imported_only_when_a_run_is_tracked():
+    import subprocess
+    import sys
+
+    code = ("import sys, tunelab.cli, tunelab.train.run, tunelab.sweep, tunelab.compare, tunelab.track.registry; "
+            "print(sorted(m for m in ('mlflow', 'datasketch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.slow  # two trainings in their own processes
+def test_compare_files_techniques_under_a_parent_run(tmp_path, tiny_encoder, sentiment_files):
+    import yaml
+
+    from tunelab.compare import run_comparison
+
+    train, test = sentiment_files
+    raw = make_config(model={"name": tiny_encoder}, data={"train": str(train), "test": str(test), "max_train_samples": 32},
+                      train={"max_steps": 2}, output={"dir": str(tmp_path / "runs"), "name": "cmp"})
+    raw["compare"] = {"methods": ["full", "lora"]}
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    _, entries = run_comparison(path, None, [], _console())
+    assert [e["status"] for e in entries] == ["completed", "completed"]
+    client = _client(tmp_path)
+    runs = client.search_runs([client.get_experiment_by_name("tunelab").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("tunelab.kind") == "compare"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.info.run_name for r in children) == ["full", "lora"]
+    assert "comparison.html" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert "full.test.accuracy" in parent.data.metrics

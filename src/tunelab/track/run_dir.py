@@ -11,7 +11,8 @@
   model/tokenizer/ the tokenizer, saved with the model
   checkpoints/     resumable states (see train/checkpoint.py)
 
-`manifest.json` carries `status`: running, failed (with the error) or completed.
+`manifest.json` carries `status`: running, failed (with the error) or completed, and, when the run is
+tracked, `mlflow`: its MLflow run id, experiment and store (track/tracking.py).
 """
 
 from __future__ import annotations
