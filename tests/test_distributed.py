@@ -121,5 +121,10 @@ def test_ddp_two_processes_match_one(tmp_path, monkeypatch, tiny_encoder, sentim
         print(f"{method}: largest weight change from the start {moved:.2e}")
     # One run directory per run (no process made its own), beside the MLflow store only the main process wrote
     tracking = {"mlflow.db", "mlartifacts"}
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir() if p.name not in tracking) == sorted(
-        [f"ddp-{m}" for m in CASES] + [f"single-{m}" for m in CASES])
+    names = sorted([f"ddp-{m}" for m in CASES] + [f"single-{m}" for m in CASES])
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir() if p.name not in tracking) == names
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    logged = client.search_runs([client.get_experiment_by_name("tunelab").experiment_id])
+    assert sorted(r.info.run_name for r in logged) == names  # one MLflow run per run, not one per process
