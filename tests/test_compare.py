@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from tunelab.compare import plan_comparison, run_comparison
+from tunelab.experiments.compare import plan_comparison, run_comparison
 from tunelab.errors import ConfigError
 
 from conftest import make_config

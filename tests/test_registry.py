@@ -14,7 +14,7 @@ from tunelab.config import validate_config
 from tunelab.errors import TunelabError
 from tunelab.track import registry
 from tunelab.track.lineage import format_lineage, lineage
-from tunelab.track.run_dir import sha256
+from tunelab.runtime.run_dir import sha256
 from tunelab.train.run import run_training
 
 

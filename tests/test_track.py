@@ -7,7 +7,7 @@ from rich.console import Console
 
 from conftest import make_config
 from tunelab.config import validate_config
-from tunelab.track.run_dir import sha256
+from tunelab.runtime.run_dir import sha256
 from tunelab.train.run import run_training
 
 

@@ -46,7 +46,7 @@ def check(
     """Duplicates, near duplicates, leakage, labels, broken text, token lengths: summary + HTML report."""
     from tunelab.config import DataConfig
     from tunelab.data.quality import SHOWN, check_files, parse_rules, rules_met
-    from tunelab.report.data_report import summary_rows, write_data_report
+    from tunelab.report.data_report import write_data_report
 
     rules = parse_rules(fail_on)
     if task is not None and task not in ("classification", "causal_lm", "instruction"):
@@ -71,7 +71,7 @@ def check(
     table = Table(title="data check", show_header=True)
     for col in ("check", "looks for", "found"):
         table.add_column(col)
-    for row in summary_rows(report):
+    for row in report.summary_rows():
         table.add_row(*(escape(c) for c in row))
     out.print(table)
     for f in report.findings:
@@ -86,7 +86,8 @@ def check(
             out.print(f"tokens {Path(path).name}: p50 {s['p50']}, p90 {s['p90']}, p99 {s['p99']}, max {s['max']}; "
                       f"{100 * s['truncated_share']:.1f}% over max_length {length}")
     folder = output or Path("runs") / f"data-check-{datetime.now():%Y%m%d-%H%M%S}"
-    paths = write_data_report(report, folder, [str(r) for r in rules], met)
+    payload = {**report.to_json(), "rules": [str(r) for r in rules], "rules_met": met}
+    paths = write_data_report(payload, report.lengths, folder)
     out.print(f"report: {paths['html']} (also data_check.md, data_check.json)")
     if met:
         err.print(f"[red]data check failed:[/] {escape('; '.join(met))}", highlight=False, soft_wrap=True)

@@ -32,7 +32,7 @@ def register_cmd(
 ):
     """Make a new model version whose artifact is the run's adapter/model, or the export."""
     from tunelab.track.registry import register, set_alias, source_run, store_for
-    from tunelab.track.run_dir import write_json_atomic
+    from tunelab.runtime.atomic import atomic_write_json as write_json_atomic
 
     mv = register(source, name, uri, err)
     out.print(f"registered {mv.name} version {mv.version} (run {mv.run_id})")

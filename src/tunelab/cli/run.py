@@ -39,9 +39,15 @@ def train(
         raise TunelabError("a resumed run keeps its own config.yaml: give --resume RUN_DIR alone")
     cfg = resume_config(str(resume)) if resume else load_config(config, overrides or [])
     run, metrics = run_training(cfg, str(resume) if resume else None, err)
-    from tunelab.train.distributed import is_main_process
+    from tunelab.runtime.distributed import is_main_process
 
-    if is_main_process():  # under accelerate launch, one table, not one per process
+    if is_main_process():  # under accelerate launch, one report and one table, not one per process
+        from tunelab.report import report_after_run
+
+        report_after_run(run.path, err)
+        from tunelab.track.tracking import log_report
+
+        log_report(run.path, err)
         print_metrics(metrics, run.labels())
         out.print(f"run directory: {run.path}")
 
@@ -54,7 +60,7 @@ def eval_cmd(
 ):
     """Evaluate a trained run on another labelled file."""
     from tunelab.inference.trained import TrainedModel
-    from tunelab.track.run_dir import write_json_atomic
+    from tunelab.runtime.atomic import atomic_write_json as write_json_atomic
 
     quiet_libraries()
     model = TrainedModel(resolve_source(run_dir))

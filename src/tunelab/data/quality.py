@@ -114,6 +114,17 @@ class QualityReport:
                 t.count, t.total = t.count + f.count, t.total + f.total
         return out
 
+    def summary_rows(self) -> list[list[str]]:
+        """One row per check: its name, what it looks for, what it found over all files."""
+        rows = []
+        for check, t in self.totals().items():
+            if check == "imbalance":
+                found = f"{t.count:.1f}x"
+            else:
+                found = f"{int(t.count):,} of {t.total:,} ({t.share:.2f}%)" if t.count else "none"
+            rows.append([check, CHECKS[check], found])
+        return rows
+
     def to_json(self) -> dict:
         return {
             "files": [{"path": f.path, "role": f.role, "kind": f.kind, "rows": len(f.rows)} for f in self.files],
@@ -124,6 +135,7 @@ class QualityReport:
             "labels": self.labels,
             "token_lengths": {p: length_stats(v, self.max_length) for p, v in self.lengths.items()},
             "seconds": self.seconds,
+            "summary": self.summary_rows(),
         }
 
 

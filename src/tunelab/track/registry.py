@@ -24,12 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab.errors import TunelabError
-from tunelab.track.run_dir import RunDir
+from tunelab.runtime.run_dir import RunDir
 from tunelab.track.tracking import open_client, tracking_uri
 
 PREFIX = "registry:"
 RUN_ARTIFACT = "tunelab-run"
-RUN_FILES = ("config.yaml", "manifest.json", "labels.json", "metrics.json", "eval_untuned.json")
 _REF = re.compile(r"^(?P<name>[A-Za-z0-9][\w.\-]*)(?:@(?P<alias>[A-Za-z_][\w\-]*)|/(?P<version>[0-9]+))?$")
 
 
@@ -174,7 +173,7 @@ def resolve_source(arg: str | Path, uri: str | None = None) -> Path:
 def source_kind(path: Path) -> str:
     if (path / "export.json").is_file():
         return "export"
-    if (path / "manifest.json").is_file() and (path / "config.yaml").is_file():
+    if RunDir(path).is_run():
         return "run"
     raise TunelabError(f"{path}: neither a run directory (config.yaml, manifest.json) nor an export (export.json)")
 
@@ -222,7 +221,7 @@ def version_tags(run: RunDir, export_dir: Path | None) -> dict[str, str]:
     for split, entry in (run.manifest().get("data") or {}).items():
         tags[f"data.{split}.path"] = str(entry.get("path"))
         tags[f"data.{split}.sha256"] = str(entry.get("sha256"))
-    metrics = json.loads((run.path / "metrics.json").read_text())
+    metrics = json.loads(run.metrics_path.read_text())
     headline = ("accuracy", "f1_macro", "loss", "perplexity")
     for key, value in final_metrics(metrics).items():
         if key.startswith("test.") and key.removeprefix("test.") in headline:
@@ -273,18 +272,18 @@ def register(source: str | Path, name: str, uri: str | None = None, console=None
         raise TunelabError(f"{source}: no such directory")
     kind = source_kind(source)
     run = source_run(source)
-    if not (run.path / "metrics.json").is_file():
+    if not run.is_complete():
         raise TunelabError(f"{run.path}: the run did not complete (no metrics.json); only finished runs register")
-    if kind == "run" and not (run.model_dir / "backbone").is_dir():
+    if kind == "run" and not run.has_model():
         raise TunelabError(f"{run.path}: has no trained model (model/backbone)")
     store = store_for(run, uri)
     client = open_client(store)
     run_id = _training_run(client, run, store, console)
     if kind == "run":
-        for file in RUN_FILES:
-            if (run.path / file).is_file():
-                client.log_artifact(run_id, str(run.path / file), RUN_ARTIFACT)
-        client.log_artifacts(run_id, str(run.model_dir), f"{RUN_ARTIFACT}/model")
+        for path in (run.config_path, run.manifest_path, run.labels_path, run.metrics_path, run.untuned_eval_path):
+            if path.is_file():
+                client.log_artifact(run_id, str(path), RUN_ARTIFACT)
+        client.log_artifacts(run_id, str(run.model_dir), f"{RUN_ARTIFACT}/{run.model_dir.name}")
         artifact = RUN_ARTIFACT
     else:
         artifact = f"exports/{source.resolve().name}"

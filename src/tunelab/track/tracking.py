@@ -29,14 +29,12 @@ from pathlib import Path
 
 from rich.console import Console
 
-from tunelab.track.run_dir import RunDir
+from tunelab.runtime.run_dir import RunDir
 
 FLUSH_S = 30.0  # seconds between batches of step metrics sent during training
 DB_NAME, ARTIFACTS_NAME = "mlflow.db", "mlartifacts"
 PARENT_ENV = "TUNELAB_MLFLOW_PARENT_RUN_ID"  # compare and sweep file their runs under a parent run
 DIGEST_CHARS = 36  # MLflow's datasets table holds a 36-character digest (a VARCHAR(36) on PostgreSQL)
-ARTIFACT_FILES = ("config.yaml", "manifest.json", "metrics.json", "metrics.jsonl", "labels.json",
-                  "report.html", "report.md")
 
 
 def tracking_uri(uri: str | None, output_dir: str | Path) -> str:
@@ -255,25 +253,43 @@ class Tracker:
         from mlflow.entities import Metric
 
         manifest = run.manifest()
-        metrics_path = run.path / "metrics.json"
-        if metrics_path.is_file():
-            metrics = json.loads(metrics_path.read_text())
+        if run.is_complete():
+            metrics = json.loads(run.metrics_path.read_text())
             step, stamp = int((metrics.get("train") or {}).get("steps") or 0), int(time.time() * 1000)
             self._log_batch(metrics=[Metric(k, v, stamp, step) for k, v in final_metrics(metrics).items()])
         tags = run_tags({**manifest, "_path": run.path})
         if failed is not None:
             tags["tunelab.error"] = f"{type(failed).__name__}: {failed}"[:4000]
         self._log_batch(tags=tags)
-        log_run_artifacts(self.client, self.run_id, run.path)
+        log_run_artifacts(self.client, self.run_id, run)
         self.client.set_terminated(self.run_id, status="FAILED" if failed is not None else "FINISHED")
 
 
-def log_run_artifacts(client, run_id: str, path: Path) -> None:
-    for name in ARTIFACT_FILES:
-        if (path / name).is_file():
-            client.log_artifact(run_id, str(path / name))
-    if (path / "plots").is_dir():
-        client.log_artifacts(run_id, str(path / "plots"), "plots")
+def log_run_artifacts(client, run_id: str, run: RunDir) -> None:
+    files = (run.config_path, run.manifest_path, run.metrics_path, run.metrics_log_path, run.labels_path,
+             run.report_html, run.report_md)
+    for path in files:
+        if path.is_file():
+            client.log_artifact(run_id, str(path))
+    if run.plots_dir.is_dir():
+        client.log_artifacts(run_id, str(run.plots_dir), run.plots_dir.name)
+
+
+def log_report(run_dir: str | Path, console: Console) -> None:
+    """Log a run's report (report.html, report.md, plots/), written after training, to its MLflow run;
+    a failure is one warning line, as for the rest of tracking."""
+    run = RunDir(run_dir)
+    tracked = (run.manifest().get("mlflow") or {}) if run.is_run() else {}
+    if not tracked.get("run_id"):
+        return
+    tracker = Tracker(console)
+    tracker.run_id = tracked["run_id"]
+
+    def send() -> None:
+        tracker.client = open_client(tracked["tracking_uri"])
+        log_run_artifacts(tracker.client, tracker.run_id, run)
+
+    tracker._safely("report logging", send)
 
 
 def start_tracking(cfg, run: RunDir, console: Console, resume: bool = False) -> Tracker | None:
@@ -364,8 +380,8 @@ def track_finished_run(run: RunDir, uri: str, console: Console) -> str | None:
     tracker.start(run, cfg.track.model_copy(update={"uri": uri}), cfg.output.dir)
     if tracker.run_id is None or tracker.broken:
         return None
-    log = run.path / "metrics.jsonl"
-    if log.is_file():
-        tracker.pending = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    if run.metrics_log_path.is_file():
+        lines = run.metrics_log_path.read_text().splitlines()
+        tracker.pending = [json.loads(line) for line in lines if line.strip()]
     tracker.finish(run)
     return None if tracker.broken else tracker.run_id
