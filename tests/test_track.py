@@ -150,7 +150,7 @@ def test_a_resumed_run_continues_its_mlflow_run(tmp_path, tiny_encoder, sentimen
 def test_sweep_files_trials_under_a_parent_run(tmp_path, tiny_encoder, sentiment_files):
     import yaml
 
-    from tunelab.sweep import run_sweep
+    from tunelab.experiments.sweep.search import run_sweep
 
     train, _ = sentiment_files
     raw = make_config(model={"name": tiny_encoder}, data={"train": str(train), "validation_split": 0.2,
@@ -173,7 +173,7 @@ def test_mlflow_is_imported_only_when_a_run_is_tracked():
     import subprocess
     import sys
 
-    code = ("import sys, tunelab.cli, tunelab.train.run, tunelab.sweep, tunelab.compare, tunelab.track.registry; "
+    code = ("import sys, tunelab.cli, tunelab.train.run, tunelab.experiments.sweep.search, tunelab.experiments.compare, tunelab.track.registry; "
             "print(sorted(m for m in ('mlflow', 'datasketch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -183,7 +183,7 @@ def test_mlflow_is_imported_only_when_a_run_is_tracked():
 def test_compare_files_techniques_under_a_parent_run(tmp_path, tiny_encoder, sentiment_files):
     import yaml
 
-    from tunelab.compare import run_comparison
+    from tunelab.experiments.compare import run_comparison
 
     train, test = sentiment_files
     raw = make_config(model={"name": tiny_encoder}, data={"train": str(train), "test": str(test), "max_train_samples": 32},
