@@ -31,8 +31,14 @@ def _client(tmp_path):
 
 
 def test_a_run_logs_params_metrics_tags_artifacts_and_data(tmp_path, tiny_encoder, sentiment_files):
+    from tunelab.report import report_after_run
+    from tunelab.track.tracking import log_report
+
     cfg = _cfg(tmp_path, tiny_encoder, sentiment_files)
-    run, metrics = run_training(cfg, console=_console())
+    console = _console()
+    run, metrics = run_training(cfg, console=console)
+    report_after_run(run.path, console)  # as `tunelab train` does once training is over
+    log_report(run.path, console)
     tracked = run.manifest()["mlflow"]
     assert tracked["tracking_uri"] == f"sqlite:///{(tmp_path / 'runs' / 'mlflow.db').resolve()}"
     client = _client(tmp_path)
@@ -87,7 +93,7 @@ def test_a_broken_store_costs_one_warning_line_not_the_run(tmp_path, tiny_encode
     lines = [line for line in console.export_text().splitlines() if "tracking off" in line]
     assert len(lines) == 1 and "the run directory is complete" in lines[0]
     assert run.manifest()["status"] == "completed" and "mlflow" not in run.manifest()
-    assert (run.path / "metrics.json").is_file() and (run.path / "report.html").is_file()
+    assert (run.path / "metrics.json").is_file() and (run.path / "model").is_dir()
 
 
 def test_a_store_failing_mid_run_warns_once(tmp_path, tiny_encoder, sentiment_files, monkeypatch):
