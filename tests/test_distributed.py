@@ -63,6 +63,7 @@ def _raw_config(name, case, encoder, train, test, processes) -> dict:
         model={"name": encoder, "dropout": 0.0},
         data={"train": str(train), "test": str(test), "max_length": 32, "max_train_samples": 36},
         method=case["method"],
+        track={"enabled": True},  # checked below: a DDP run is one MLflow run
         output={"dir": "runs", "name": name},
     )
     batch = case["train"]["batch_size"] * (2 // processes)  # one process takes both processes' share

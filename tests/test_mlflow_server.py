@@ -26,7 +26,7 @@ def server(tmp_path_factory, tiny_encoder):
     train, test = write_jsonl(root / "train.jsonl", rows[:64]), write_jsonl(root / "test.jsonl", rows[64:])
     cfg = validate_config(make_config(
         model={"name": tiny_encoder}, data={"train": str(train), "test": str(test)}, train={"max_steps": 3},
-        output={"dir": str(root / "runs"), "name": "served-run"}))
+        track={"enabled": True}, output={"dir": str(root / "runs"), "name": "served-run"}))
     run, _ = run_training(cfg, console=Console(file=open(os.devnull, "w")))
     with running_ui(root / "runs") as url:
         yield url, run

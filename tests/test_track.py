@@ -14,7 +14,8 @@ from tunelab.train.run import run_training
 def _cfg(tmp_path, tiny_encoder, sentiment_files, **sections):
     train, test = sentiment_files
     base = dict(model={"name": tiny_encoder}, data={"train": str(train), "test": str(test), "max_train_samples": 48},
-                train={"max_steps": 6, "log_every": 1}, output={"dir": str(tmp_path / "runs"), "name": "tracked"})
+                train={"max_steps": 6, "log_every": 1}, output={"dir": str(tmp_path / "runs"), "name": "tracked"},
+                track={"enabled": True})
     for key, value in sections.items():
         base[key] = {**base.get(key, {}), **value}
     return validate_config(make_config(**base))
@@ -161,7 +162,8 @@ def test_sweep_files_trials_under_a_parent_run(tmp_path, tiny_encoder, sentiment
     train, _ = sentiment_files
     raw = make_config(model={"name": tiny_encoder}, data={"train": str(train), "validation_split": 0.2,
                                                           "max_train_samples": 40},
-                      train={"max_steps": 2}, output={"dir": str(tmp_path / "runs"), "name": "sw"})
+                      train={"max_steps": 2}, output={"dir": str(tmp_path / "runs"), "name": "sw"},
+                      track={"enabled": True})
     raw["sweep"] = {"trials": 2, "metric": "accuracy", "space": {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-3}}}
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -193,7 +195,8 @@ def test_compare_files_techniques_under_a_parent_run(tmp_path, tiny_encoder, sen
 
     train, test = sentiment_files
     raw = make_config(model={"name": tiny_encoder}, data={"train": str(train), "test": str(test), "max_train_samples": 32},
-                      train={"max_steps": 2}, output={"dir": str(tmp_path / "runs"), "name": "cmp"})
+                      train={"max_steps": 2}, output={"dir": str(tmp_path / "runs"), "name": "cmp"},
+                      track={"enabled": True})
     raw["compare"] = {"methods": ["full", "lora"]}
     path = tmp_path / "compare.yaml"
     path.write_text(yaml.safe_dump(raw))
