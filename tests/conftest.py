@@ -83,6 +83,8 @@ def make_config(**sections) -> dict:
         "method": {"name": "full"},
         "train": {"batch_size": 8, "precision": "fp32", "log_every": 1, "seed": 0},
         "eval": {"batch_size": 32},
+        # Off in unit tests: each run would open a fresh MLflow store; the tracking tests turn it on.
+        "track": {"enabled": False},
         "output": {"dir": "runs"},
     }
     for key, value in sections.items():

@@ -63,6 +63,7 @@ def _raw_config(name, case, encoder, train, test, processes) -> dict:
         model={"name": encoder, "dropout": 0.0},
         data={"train": str(train), "test": str(test), "max_length": 32, "max_train_samples": 36},
         method=case["method"],
+        track={"enabled": True},  # checked below: a DDP run is one MLflow run
         output={"dir": "runs", "name": name},
     )
     batch = case["train"]["batch_size"] * (2 // processes)  # one process takes both processes' share
@@ -119,5 +120,12 @@ def test_ddp_two_processes_match_one(tmp_path, monkeypatch, tiny_encoder, sentim
             moved = max(v.abs().max().item() for k, v in a.items() if "lora_B" in k)  # LoRA B starts at zero
         assert moved > 1e-3, (method, moved)
         print(f"{method}: largest weight change from the start {moved:.2e}")
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted(
-        [f"ddp-{m}" for m in CASES] + [f"single-{m}" for m in CASES])
+    # One run directory per run (no process made its own), beside the MLflow store only the main process wrote
+    tracking = {"mlflow.db", "mlartifacts"}
+    names = sorted([f"ddp-{m}" for m in CASES] + [f"single-{m}" for m in CASES])
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir() if p.name not in tracking) == names
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    logged = client.search_runs([client.get_experiment_by_name("tunelab").experiment_id])
+    assert sorted(r.info.run_name for r in logged) == names  # one MLflow run per run, not one per process

@@ -166,8 +166,10 @@ RUN_DIR_FILES = {"config.yaml", "manifest.json", "metrics.json", "metrics.jsonl"
                  "head.safetensors", "checkpoints", "report.md", "report.html", "trace.json", "ops.txt"}
 RUN_DIR_FOLDERS = {"model", "backbone", "tokenizer", "plots"}  # caught when joined into a path with /
 OWNER = "tunelab/runtime/run_dir.py"
-# Same names, other folders: the bundled MiniLM package ships its weights in model/; a comparison has plots/.
-NOT_A_RUN_DIR = {("tunelab/models/registry.py", "model"), ("tunelab/report/compare_report.py", "plots")}
+# Same names, other folders: the bundled MiniLM package ships its weights in model/; a comparison and a data
+# check have plots/.
+NOT_A_RUN_DIR = {("tunelab/models/registry.py", "model"), ("tunelab/report/compare_report.py", "plots"),
+                 ("tunelab/report/data_report.py", "plots")}  # a data check's report folder has plots/ too
 
 
 def stray_run_dir_paths(files: dict[str, str]) -> list[str]:

@@ -22,6 +22,8 @@ from tunelab.errors import ConfigError
 from tunelab.methods import METHODS, method_configs
 
 Task = Literal["classification", "causal_lm", "instruction"]
+# `duplicates>1%,leakage>0`: the syntax of data-check rules (data/quality.py parses them and knows the names).
+RULES_PATTERN = r"^\s*[a-z_]+\s*>=?\s*[0-9.]+%?\s*(,\s*[a-z_]+\s*>=?\s*[0-9.]+%?\s*)*$"
 
 
 class _Section(BaseModel):
@@ -79,6 +81,18 @@ class DataConfig(_Section):
         False,
         description="causal_lm/instruction: pack several examples into each max_length row, attention kept "
         "within each example. No padding to compute; the loss of every example is unchanged.",
+    )
+    checks: Literal["warn", "stop", "off"] = Field(
+        "warn",
+        description="Cheap data checks before the model loads (exact duplicates, train/test leakage, empty texts): "
+        "warn = print what check_rules finds and train anyway; stop = refuse to train; off = skip them. "
+        "`tunelab data check` runs the full set (near duplicates, token lengths).",
+    )
+    check_rules: str = Field(
+        "leakage>0,duplicates>1%",
+        pattern=RULES_PATTERN,
+        description="When the checks speak up: comma-separated NAME>VALUE rules, a trailing % for a share of the "
+        "rows (names as in `tunelab data check --fail-on`).",
     )
 
 
@@ -143,6 +157,20 @@ class EvalConfig(_Section):
     )
 
 
+class TrackConfig(_Section):
+    enabled: bool = Field(
+        True,
+        description="Log the run to MLflow: params, step and final metrics, artifacts, data files with their sha256. "
+        "A store that cannot be written costs one warning line, never the run.",
+    )
+    uri: str | None = Field(
+        None,
+        description="MLflow tracking URI (a team server: http://HOST:5000); null = $MLFLOW_TRACKING_URI, else the "
+        "SQLite file <output.dir>/mlflow.db with artifacts in <output.dir>/mlartifacts.",
+    )
+    experiment: str = Field("tunelab", min_length=1, description="MLflow experiment the run is filed under.")
+
+
 class OutputConfig(_Section):
     dir: str = Field("runs", description="Parent folder of run directories.")
     name: str | None = Field(None, description="Run directory name; null = <model>-<method>-<timestamp>.")
@@ -155,6 +183,7 @@ class RunConfig(_Section):
     method: MethodConfig = Field(default_factory=lambda: METHODS["full"].config_class())
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    track: TrackConfig = Field(default_factory=TrackConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="after")

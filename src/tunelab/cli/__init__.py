@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from tunelab.cli import run, experiments, info, serve  # noqa: F401,I001  (each registers its commands on the app, in help order)
+from tunelab.cli import run, experiments, info, data, registry, serve  # noqa: F401,I001  (each registers its commands on the app, in help order)
 from tunelab.cli.common import app, err
 from tunelab.errors import TunelabError
 
@@ -22,7 +22,10 @@ __all__ = ["app", "main"]
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click returns a command's `typer.Exit(code)` instead of exiting with it.
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except TunelabError as e:
         err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)

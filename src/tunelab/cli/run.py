@@ -11,6 +11,17 @@ import typer
 from tunelab.cli.common import app, err, out, print_metrics, quiet_libraries, read_inputs, write_jsonl
 from tunelab.errors import TunelabError
 
+REGISTRY_HELP = "registry:NAME@ALIAS (or NAME/VERSION) from the MLflow registry"
+
+
+def resolve_source(arg: Path) -> Path:
+    """A RUN_DIR argument as given, or a registry reference resolved to its local directory (offline)."""
+    if not str(arg).startswith("registry:"):
+        return arg
+    from tunelab.track.registry import resolve_source as resolve
+
+    return resolve(str(arg))
+
 
 @app.command()
 def train(
@@ -34,28 +45,37 @@ def train(
         from tunelab.report import report_after_run
 
         report_after_run(run.path, err)
+        from tunelab.track.tracking import log_report
+
+        log_report(run.path, err)
         print_metrics(metrics, run.labels())
         out.print(f"run directory: {run.path}")
 
 
 @app.command("eval")
 def eval_cmd(
-    run_dir: Path = typer.Argument(..., help="A finished run directory."),
+    run_dir: Path = typer.Argument(..., help=f"A finished run directory, or {REGISTRY_HELP}."),
     data: Path = typer.Option(..., "--data", help="Labelled file in the run's task format."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Also write the metrics here as JSON (e.g. for dvc metrics)."),
 ):
     """Evaluate a trained run on another labelled file."""
     from tunelab.inference.trained import TrainedModel
+    from tunelab.runtime.atomic import atomic_write_json as write_json_atomic
 
     quiet_libraries()
-    model = TrainedModel(run_dir)
+    model = TrainedModel(resolve_source(run_dir))
     metrics = model.evaluate_file(str(data))
     print_metrics({"eval": metrics}, model.labels)
-    out.print_json(json.dumps({k: v for k, v in metrics.items() if k != "per_class"}))
+    flat = {k: v for k, v in metrics.items() if k != "per_class"}
+    out.print_json(json.dumps(flat))
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(output, flat)
 
 
 @app.command()
 def predict(
-    run_dir: Path = typer.Argument(..., help="A finished classification run."),
+    run_dir: Path = typer.Argument(..., help=f"A finished classification run, or {REGISTRY_HELP}."),
     text: Optional[str] = typer.Argument(None, help="Text to classify."),
     file: Optional[Path] = typer.Option(None, "--file", help="One text per line (.txt), or .jsonl/.csv with 'text'."),
     output: Optional[Path] = typer.Option(None, "--output", help="Write JSONL here instead of stdout."),
@@ -65,12 +85,12 @@ def predict(
 
     texts = read_inputs(text, file, "text")
     quiet_libraries()
-    write_jsonl(TrainedModel(run_dir).predict(texts), output)
+    write_jsonl(TrainedModel(resolve_source(run_dir)).predict(texts), output)
 
 
 @app.command()
 def generate(
-    run_dir: Path = typer.Argument(..., help="A finished causal_lm or instruction run."),
+    run_dir: Path = typer.Argument(..., help=f"A finished causal_lm or instruction run, or {REGISTRY_HELP}."),
     prompt: Optional[str] = typer.Argument(None, help="Instruction (instruction runs) or text to continue."),
     file: Optional[Path] = typer.Option(None, "--file", help="One prompt per line (.txt), or .jsonl/.csv with 'prompt'."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1),
@@ -83,4 +103,4 @@ def generate(
 
     prompts = read_inputs(prompt, file, "prompt")
     quiet_libraries()
-    write_jsonl(TrainedModel(run_dir).generate(prompts, max_new_tokens, repetition_penalty), output)
+    write_jsonl(TrainedModel(resolve_source(run_dir)).generate(prompts, max_new_tokens, repetition_penalty), output)

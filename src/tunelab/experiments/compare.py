@@ -37,6 +37,7 @@ from tunelab.config import (
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.experiments.trials import TrialFailed, run_trial
 from tunelab.runtime.run_dir import RunDir
+from tunelab.track.tracking import parent_run
 
 
 class CompareSection(BaseModel):
@@ -109,6 +110,20 @@ def run_comparison(path: str | Path, methods: list[str] | None, overrides: list[
     if compare_dir.exists() and any(compare_dir.iterdir()):
         raise TunelabError(f"{compare_dir} already exists; set output.name to a new name or remove it")
     compare_dir.mkdir(parents=True, exist_ok=True)
+    first = next(iter(configs.values()))
+    # Each technique's MLflow run is filed under one parent run, which gets the comparison report.
+    with parent_run(first.track, compare_dir.parent, compare_dir.name, "compare", console,
+                    {"compare.methods": ",".join(configs)}) as parent:
+        entries = _train_each(configs, compare_dir, console)
+        from tunelab.report import write_compare_report  # after the trials: matplotlib is no part of their process
+
+        write_compare_report(compare_dir, entries)
+        if parent is not None:
+            parent.log_report(compare_dir, _headline_metrics(entries))
+    return compare_dir, entries
+
+
+def _train_each(configs: dict[str, RunConfig], compare_dir: Path, console: Console) -> list[dict]:
     entries = []
     for i, (label, cfg) in enumerate(configs.items(), 1):
         console.rule(f"[bold]{i}/{len(configs)}  {label}")
@@ -125,7 +140,17 @@ def run_comparison(path: str | Path, methods: list[str] | None, overrides: list[
             console.print(f"[red]{label} failed:[/] {entry['error']}")
         entries.append(entry)
         (compare_dir / "entries.json").write_text(json.dumps(entries, indent=2))
-    from tunelab.report import write_compare_report  # after the trials: matplotlib is no part of their process
+    return entries
 
-    write_compare_report(compare_dir, entries)
-    return compare_dir, entries
+
+def _headline_metrics(entries: list[dict]) -> dict[str, float]:
+    """Each completed technique's test accuracy or perplexity, for the parent run's metrics."""
+    out = {}
+    for e in entries:
+        run = RunDir(e["run_dir"] or "")
+        if e["status"] == "completed" and run.is_complete():
+            test = json.loads(run.metrics_path.read_text()).get("eval") or {}
+            for key in ("accuracy", "perplexity"):
+                if isinstance(test.get(key), (int, float)):
+                    out[f"{e['method']}.test.{key}"] = test[key]
+    return out

@@ -127,6 +127,9 @@ def _trial_process(cfg: RunConfig, conn, report_evals: bool, parent_pid: int) ->
         from tunelab.report import report_after_run
 
         report_after_run(run.path, console)
+        from tunelab.track.tracking import log_report
+
+        log_report(run.path, console)
         conn.send(("done", metrics))
     except TrialPruned:
         pass  # the parent asked for it and raises its own reason

@@ -127,7 +127,7 @@ def perplexity_bars(path: Path, tuned: float, untuned: float | None, title: str)
 
 def grouped_bars(
     path: Path, methods: list[str], series: dict[str, list[float | None]], ylabel: str, title: str,
-    digits: int = 4, colors: list | None = None,
+    digits: int = 4, colors: list | None = None, xlabel: str = "method",
 ) -> Path:
     """One group per method, one bar per series (e.g. accuracy and macro F1), values printed on the bars."""
     fig, ax = _figure(max(6.0, 1.1 * len(methods) * max(1, len(series)) + 2), 4.4)
@@ -143,7 +143,7 @@ def grouped_bars(
         top = max([top] + heights)
     ax.set_xticks(range(len(methods)), methods, rotation=20 if len(methods) > 5 else 0)
     ax.set_ylabel(ylabel)
-    ax.set_xlabel("method")
+    ax.set_xlabel(xlabel)
     ax.set_title(title)
     ax.set_ylim(0, top * 1.15 or 1)
     ax.grid(axis="y", alpha=0.3)
@@ -236,4 +236,31 @@ def cost_bars(
         ax.set_ylim(0, (ax.get_ylim()[1] or 1) * 1.12)
         if len(methods) > 4:
             ax.tick_params(axis="x", labelrotation=25)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------- data checks
+
+
+def length_histogram(path: Path, lengths: dict[str, list[int]], max_length: int | None, title: str) -> Path | None:
+    """Token lengths per file (step histograms on a log-scaled count axis, so a long tail stays visible),
+    with max_length drawn where truncation starts."""
+    lengths = {name: values for name, values in lengths.items() if values}
+    if not lengths:
+        return None
+    import numpy as np
+
+    fig, ax = _figure()
+    top = max(max(v) for v in lengths.values())
+    bins = np.linspace(0, top + 1, min(60, top + 2))
+    for (name, values), color in zip(lengths.items(), _colors(len(lengths))):
+        ax.hist(values, bins=bins, histtype="step", linewidth=1.6, color=color, label=f"{name} ({len(values):,} rows)")
+    if max_length:
+        ax.axvline(max_length, color=VALIDATION_COLOR, linestyle="--", label=f"max_length {max_length}")
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens per row (before truncation)")
+    ax.set_ylabel("rows (log scale)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
     return _save(fig, path)

@@ -259,4 +259,15 @@ def _provenance(doc: Document, run: RunData) -> None:
     packages = m.get("packages") or {}
     if packages:
         rows.append(("packages", ", ".join(f"{k} {v}" for k, v in packages.items() if v)))
+    tracked = m.get("mlflow") or {}
+    if tracked.get("run_id"):
+        rows.append(("MLflow run", _mlflow_link(tracked)))
     doc.key_values(rows, numeric=False)
+
+
+def _mlflow_link(tracked: dict) -> str:
+    """Where the run is in MLflow: a URL on a server, the run id and the command to browse an embedded store."""
+    uri, run_id = tracked.get("tracking_uri", ""), tracked["run_id"]
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/#/experiments/{tracked.get('experiment_id')}/runs/{run_id}"
+    return f"{run_id} in {uri} (browse with `tunelab ui` or `mlflow ui --backend-store-uri {uri}`)"

@@ -15,7 +15,8 @@ export, serving and the registry) asks it for a path instead of spelling one.
   report.md, report.html, plots/   the run's report (see report/run_report.py)
   trace.json, ops.txt              `tunelab profile` runs: the profiler's trace and op table
 
-`manifest.json` carries `status`: running, failed (with the error) or completed.
+`manifest.json` carries `status`: running, failed (with the error) or completed, and, when the run is
+tracked, `mlflow`: its MLflow run id, experiment and store (track/tracking.py).
 
 This module sits at the floor (it imports nothing above runtime/), so the config arrives as text: the
 caller serialises it (config.dump_config).
@@ -94,6 +95,8 @@ class ModelFiles:
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        # Called with each metrics.jsonl record after it is written (the MLflow tracker batches them).
+        self.listeners: list = []
 
     @classmethod
     def create(cls, path: str | Path, config_text: str, *, seed: int, data_files: dict[str, str | None],
@@ -211,8 +214,11 @@ class RunDir:
         self.write_manifest({**self.manifest(), **fields})
 
     def log(self, record: dict) -> None:
+        record = {"time": round(time.time(), 3), **record}
         with open(self.metrics_log_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+            f.write(json.dumps(record) + "\n")
+        for listener in self.listeners:
+            listener(record)
 
     def finish(self, metrics: dict) -> None:
         atomic_write_json(self.metrics_path, metrics)

@@ -10,7 +10,7 @@ from rich.console import Console
 
 from tunelab.config import RunConfig, dump_config, load_config
 from tunelab.data.examples import label_summary, load_splits
-from tunelab.errors import TunelabError
+from tunelab.errors import DataError, TunelabError
 from tunelab.runtime.run_dir import RunDir
 
 
@@ -63,6 +63,8 @@ def run_training(
         for name in ("train", "validation", "test"):
             if getattr(splits, name):
                 console.print(f"data  {name} labels: {label_summary(getattr(splits, name))}")
+    if cfg.data.checks != "off" and not resume_dir:
+        _check_data(cfg, splits, console)
 
     # Heavy imports (torch, transformers) only after the data passed: a bad line is reported in seconds.
     from tunelab.methods import get_method
@@ -77,6 +79,11 @@ def run_training(
     check_attention(cfg.model.attention)
     run = RunDir(resume_dir) if resume_dir else on_main_then_share(lambda: create_run_dir(cfg))
     console.print(f"run   {run.path}")
+    tracker = None
+    if is_main_process():
+        from tunelab.track.tracking import start_tracking
+
+        tracker = start_tracking(cfg, run, console, resume=resume_dir is not None)
     try:
         recipe = FineTune(cfg, splits, run, console, on_eval=on_eval)
         recipe.setup(resume=resume_dir is not None)
@@ -104,8 +111,31 @@ def run_training(
         # forever; when the main one failed first, the others only see their connection to it close.
         if is_main_process() or run.status() == "running":
             run.fail(err)
+        if tracker is not None:
+            tracker.finish(run, failed=err)
         raise
+    if tracker is not None:
+        tracker.finish(run)  # the report is logged to the same MLflow run once written (tracking.log_report)
     return run, metrics
+
+
+def _check_data(cfg: RunConfig, splits, console: Console) -> None:
+    """The cheap checks (exact duplicates, exact train/test leakage), before any model loads: what
+    data.check_rules finds is a warning, or stops the run with data.checks: stop."""
+    from tunelab.data.quality import parse_rules, quick_check, rules_met
+
+    held = [(splits.validation, cfg.data.validation or f"{cfg.data.train} (validation_split)"),
+            (splits.test, cfg.data.test or "")]
+    report = quick_check(splits.train, [h for h, _ in held], cfg.task, cfg.data.train, [p for _, p in held])
+    met = rules_met(report, parse_rules(cfg.data.check_rules))
+    if not met:
+        return
+    where = {f.check: f for f in report.findings if f.count}
+    first = "; ".join(f"{f.check} in {f.file}: {f.rows[0]}" for f in where.values() if f.rows)[:300]
+    message = f"data checks: {', '.join(met)} (e.g. {first}); see `tunelab data check` for every row"
+    if cfg.data.checks == "stop":
+        raise DataError(message + " (data.checks: stop)")
+    console.print(f"[yellow]warning: {message}[/]", highlight=False, soft_wrap=True)
 
 
 def _baseline(recipe, run: RunDir, console: Console) -> dict | None:

@@ -13,10 +13,11 @@ from rich.markup import escape  # a list choice such as [query, value] is not co
 
 from tunelab.config import validate_config
 from tunelab.errors import ConfigError, TunelabError
-from tunelab.experiments.sweep.outputs import write_outputs, write_tables
+from tunelab.experiments.sweep.outputs import best_trial, write_outputs, write_tables
 from tunelab.experiments.sweep.space import FloatParam, IntParam, Sweep, describe_values, load_sweep
 from tunelab.experiments.trials import run_trial
 from tunelab.runtime.run_dir import RunDir
+from tunelab.track.tracking import parent_run
 
 STUDY_NAME = "tunelab-sweep"
 
@@ -36,11 +37,18 @@ def run_sweep(config_path: str | None, overrides: list[str] | None, resume_dir: 
     try:
         study = _study(sweep, sweep_dir)
         _retry_interrupted(study, console)
-        try:
-            _search(study, sweep, sweep_dir, console)
-        finally:
-            write_tables(study, sweep, sweep_dir)
-        write_outputs(study, sweep, sweep_dir, console)
+        base = sweep.base
+        # Every trial's MLflow run is filed under one parent run, which gets the sweep's tables and plots.
+        with parent_run(base.track, base.output.dir, sweep_dir.name, "sweep", console,
+                        {"sweep.metric": sweep.section.metric, "sweep.trials": sweep.section.trials}) as parent:
+            try:
+                _search(study, sweep, sweep_dir, console)
+            finally:
+                write_tables(study, sweep, sweep_dir)
+            write_outputs(study, sweep, sweep_dir, console)
+            if parent is not None:
+                best = best_trial(study)
+                parent.log_report(sweep_dir, {f"best.validation.{sweep.section.metric}": best.value} if best else None)
     finally:
         lock.release()
     return sweep_dir
