@@ -18,7 +18,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from peft import (
+
+from tunelab.methods.bitsandbytes_support import import_bitsandbytes, import_peft, keep_4bit_layers_trainable
+
+import_peft()  # before `from peft import ...`: PEFT on its own would import bitsandbytes for every command
+from peft import (  # noqa: E402
     IA3Config,
     LoraConfig,
     PeftModel,
@@ -29,11 +33,11 @@ from peft import (
     get_peft_model,
     prepare_model_for_kbit_training,
 )
-from safetensors.torch import save_file
-from torch import nn
+from safetensors.torch import save_file  # noqa: E402
+from torch import nn  # noqa: E402
 
-from tunelab.errors import ConfigError
-from tunelab.methods.base import Method
+from tunelab.errors import ConfigError  # noqa: E402
+from tunelab.methods.base import Method  # noqa: E402
 
 
 def _task_type(task: str) -> TaskType:
@@ -94,7 +98,7 @@ class Qlora(Lora):
 
     def check(self, cfg, hf_config, task: str) -> None:
         try:
-            import bitsandbytes  # noqa: F401
+            import_bitsandbytes()
         except ImportError:
             raise ConfigError("method 'qlora' needs bitsandbytes (pip install bitsandbytes>=0.45)") from None
 
@@ -116,7 +120,14 @@ class Qlora(Lora):
         # Casts the remaining (norm, embedding) weights to fp32 and makes the input require grad; checkpointing
         # stays whatever model.gradient_checkpointing chose (PEFT would turn it on by default, slowing every step).
         backbone = prepare_model_for_kbit_training(backbone, use_gradient_checkpointing=_is_checkpointing(backbone))
-        return super().apply(backbone, cfg, task)
+        model = super().apply(backbone, cfg, task)
+        keep_4bit_layers_trainable(model)  # else an evaluation breaks the gradients of later steps on some CPUs
+        return model
+
+    def load(self, base_backbone: nn.Module, out_dir: Path) -> nn.Module:
+        model = super().load(base_backbone, out_dir)
+        keep_4bit_layers_trainable(model)  # eval, predict and generate then compute what training computed
+        return model
 
 
 class Ia3(PeftMethod):

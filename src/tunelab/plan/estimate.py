@@ -7,6 +7,12 @@ from tunelab.plan.architecture import Architecture, ParameterCounts, count_param
 from tunelab.plan.shapes import Batch, data_shapes, shapes_from_max_length
 
 GB = 1e9
+GIB = 1024**3  # the table prints binary units, as every report and run summary does
+
+# The memory terms of an estimate in display order, with the words people read them by (the report uses them too).
+MEMORY_TERMS = (("weights", "weights"), ("gradients", "gradients"), ("optimizer", "optimizer state"),
+                ("activations", "activations"), ("logits", "logits + loss"), ("allocator", "allocator slack (CPU)"),
+                ("runtime", "runtime"))
 
 # Process RSS before any model tensor on CPU: the training stack's imports (torch, transformers, PEFT,
 # accelerate, tunelab's loop) measured 0.54 GB (Linux, torch 2.13 CPU); the tokenizer and data add a little.
@@ -359,11 +365,9 @@ def estimate(cfg: RunConfig, *, device=None, precision: str | None = None, token
 
 
 def format_plan(est: dict) -> str:
-    """A plain-text table of the estimate for the terminal."""
+    """A plain-text table of the estimate for the terminal, in GiB."""
     mem, ev = est["memory"], est.get("eval_memory") or {}
-    rows = [("weights", "weights"), ("gradients", "gradients"), ("optimizer state", "optimizer"),
-            ("activations", "activations"), ("logits + loss", "logits"), ("allocator slack (CPU)", "allocator"),
-            ("runtime", "runtime")]
+    what = "process RSS" if est["device"] == "cpu" else "allocated tensors"
     lines = [
         f"plan  {est['model']} ({est['task']}), method {est['method']}, {est['device']}, {est['precision']}",
         f"      {est['params']['trainable']:,} of {est['params']['total']:,} parameters trainable "
@@ -371,12 +375,12 @@ def format_plan(est: dict) -> str:
         "",
         f"  {'memory':<26}{'train step':>12}{'eval pass':>12}",
     ]
-    for label, key in rows:
-        eval_value = f"{ev[key] / GB:>9.2f} GB" if key in ev else f"{'':>12}"
-        lines.append(f"  {label:<26}{mem[key] / GB:>9.2f} GB{eval_value}")
-    lines.append(f"  {'total':<26}{mem['total'] / GB:>9.2f} GB" + (f"{ev['total'] / GB:>9.2f} GB" if ev else ""))
+    for key, label in MEMORY_TERMS:
+        eval_value = f"{ev[key] / GIB:>8.2f} GiB" if key in ev else f"{'':>12}"
+        lines.append(f"  {label:<26}{mem[key] / GIB:>8.2f} GiB{eval_value}")
+    lines.append(f"  {'total':<26}{mem['total'] / GIB:>8.2f} GiB" + (f"{ev['total'] / GIB:>8.2f} GiB" if ev else ""))
     lines.append("")
-    lines.append(f"  estimated peak ({est['peak_phase']}): {est['peak_memory_bytes'] / GB:.2f} GB")
+    lines.append(f"  estimated peak ({est['peak_phase']}, {what}): {est['peak_memory_bytes'] / GIB:.2f} GiB")
     f = est["flops_per_token"]
     lines.append(f"  FLOPs per token: train {f['train']:.3g}, eval {f['eval']:.3g}")
     lines.append("")

@@ -305,7 +305,7 @@ def _document(rows: list[dict], task: str | None, notes: list[str], pngs: dict[s
     done = sum(r["status"] == "completed" for r in rows)
     doc.paragraph(f"task {task or MISSING} · {len(rows)} methods · {done} completed")
     doc.heading("Results")
-    headers, table = _table(rows, task)
+    headers, table = results_table(rows, task)
     doc.table(headers, table, numeric={i for i, h in enumerate(headers) if h not in ("method", "status", "error")})
     doc.heading("Reading this table")
     doc.bullets(notes)
@@ -325,7 +325,8 @@ def _document(rows: list[dict], task: str | None, notes: list[str], pngs: dict[s
     return doc
 
 
-def _table(rows: list[dict], task: str | None) -> tuple[list[str], list[list[str]]]:
+def results_table(rows: list[dict], task: str | None) -> tuple[list[str], list[list[str]]]:
+    """The comparison as (headers, rows of cells): the report's table, and what `tunelab compare` prints."""
     lm = task in LM_TASKS
     headers = ["method", "status"]
     headers += ["test perplexity", "untuned perplexity"] if lm else ["accuracy", "macro F1"]

@@ -136,7 +136,7 @@ def _training(doc: Document, run: RunData) -> None:
     doc.key_values(rows)
     if run.plan:
         doc.heading("Memory plan (estimated before training)", 3)
-        doc.key_values([(k, _plan_value(k, v)) for k, v in run.plan.items() if not isinstance(v, (dict, list))])
+        doc.key_values(_plan_rows(run.plan))
 
 
 def _params(t: dict) -> str:
@@ -148,10 +148,20 @@ def _params(t: dict) -> str:
     return text
 
 
-def _plan_value(key: str, value) -> str:
-    if key.endswith("_bytes") and isinstance(value, (int, float)):
-        return human_bytes(value)
-    return number(value)
+def _plan_rows(plan: dict) -> list[tuple[str, str]]:
+    """The estimate's memory split at the training step's peak, in the words `tunelab plan` prints."""
+    from tunelab.plan.estimate import MEMORY_TERMS
+
+    memory = plan.get("memory") if isinstance(plan.get("memory"), dict) else {}
+    rows = [(label, human_bytes(memory[key])) for key, label in MEMORY_TERMS if key in memory]
+    if "total" in memory:
+        rows.append(("total, training step", human_bytes(memory["total"])))
+    if isinstance(plan.get("peak_memory_bytes"), (int, float)):
+        where = {"cpu": "process RSS", "cuda": "allocated tensors"}.get(plan.get("device"), "")
+        phase = f"{plan['peak_phase']} pass" if plan.get("peak_phase") else ""
+        detail = ", ".join(x for x in (phase, where) if x)
+        rows.append((f"estimated peak ({detail})" if detail else "estimated peak", human_bytes(plan["peak_memory_bytes"])))
+    return rows
 
 
 def _loss(doc: Document, run: RunData) -> None:
