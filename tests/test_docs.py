@@ -45,7 +45,7 @@ def test_the_phrase_check_can_fail(tmp_path):
 @pytest.mark.parametrize("guide", GUIDES, ids=lambda p: p.stem)
 def test_guide_is_a_lesson(guide):
     text = guide.read_text(encoding="utf-8")
-    opening = "\n".join(text.splitlines()[:12])
+    opening = "\n".join(text.splitlines()[:16])
     for part in ("**Objectives.**", "**Prerequisites.**", "**Time.**"):
         assert part in opening, f"{guide.name} must open with {part}"
     assert re.search(r"!\[[^\]]+\]\([^)]+\.png\)", text), f"{guide.name} has no figure (with alt text)"

@@ -3,7 +3,7 @@ diagram in a real browser without fetching anything from the network.
 
 The browser is Debian's chromium (`make install` installs it), driven by Playwright for Python; Playwright's own
 browser download is never used. TUNELAB_SITE_SCREENSHOT=PATH also saves the page's screenshot there (the
-committed one is docs/figures/site-guide-01.png).
+committed one is docs/figures/site-guide-03.png).
 """
 
 from __future__ import annotations
@@ -51,7 +51,12 @@ def _serve(folder: Path):
     return server
 
 
-def test_guide_renders_figure_formulas_and_diagram_offline(site):
+def _loaded_images(page) -> list[str]:
+    return page.evaluate("() => [...document.querySelectorAll('article img')]"
+                         ".filter(i => i.complete && i.naturalWidth > 0).map(i => i.getAttribute('src'))")
+
+
+def test_guides_render_figures_formulas_and_diagrams_offline(site):
     from playwright.sync_api import sync_playwright
 
     assert Path(CHROMIUM).is_file(), "Debian's chromium is missing: run `make install`"
@@ -61,7 +66,7 @@ def test_guide_renders_figure_formulas_and_diagram_offline(site):
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1280, "height": 1400})
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
 
             def only_local(route):
                 if route.request.url.startswith(base):
@@ -70,22 +75,31 @@ def test_guide_renders_figure_formulas_and_diagram_offline(site):
                 return route.abort()
 
             page.route("**/*", only_local)
-            page.goto(f"{base}/01-introduction/", wait_until="networkidle")
-            page.wait_for_selector(".katex", timeout=30_000)
-            page.wait_for_selector(".mermaid svg", timeout=30_000)
-            formulas = page.locator(".arithmatex .katex").count()
-            figure_ok = page.evaluate(
-                "() => [...document.querySelectorAll('article img')].filter(i => i.complete && i.naturalWidth > 0)"
-                ".map(i => i.getAttribute('src'))")
-            diagram = page.locator(".mermaid svg").count()
+            # Guide 03: the LoRA formula typeset by KaTeX, and its figure.
+            page.goto(f"{base}/03-lora/", wait_until="networkidle")
+            page.wait_for_selector(".arithmatex .katex", timeout=30_000)
+            lora_formulas = page.locator(".arithmatex .katex").count()
+            lora_images = _loaded_images(page)
             shot = os.environ.get("TUNELAB_SITE_SCREENSHOT")
             if shot:
-                page.locator(".arithmatex .katex").first.scroll_into_view_if_needed()
+                page.locator("#the-idea-in-one-equation").scroll_into_view_if_needed()
+                page.evaluate("() => window.scrollBy(0, -70)")  # below the sticky header
                 page.screenshot(path=shot)
+            # Guide 01: the AdamW formulas, the overfitting plot, and the mermaid diagrams. Material draws each
+            # diagram into a closed shadow root of div.mermaid, so the drawn SVG shows as the div's height.
+            page.goto(f"{base}/01-introduction/", wait_until="networkidle")
+            page.wait_for_selector(".arithmatex .katex", timeout=30_000)
+            page.wait_for_function("() => [...document.querySelectorAll('div.mermaid')]"
+                                   ".some(d => d.getBoundingClientRect().height > 40)", timeout=30_000)
+            intro_formulas = page.locator(".arithmatex .katex").count()
+            intro_images = _loaded_images(page)
+            diagrams = page.evaluate("() => [...document.querySelectorAll('div.mermaid')]"
+                                     ".filter(d => d.getBoundingClientRect().height > 40).length")
             browser.close()
     finally:
         server.shutdown()
-    assert formulas >= 2, "the AdamW formulas were not typeset by KaTeX"
-    assert any("overfit" in src for src in figure_ok), f"the overfitting plot did not load: {figure_ok}"
-    assert diagram >= 1, "the mermaid diagram was not drawn"
-    assert outside == [], f"the page fetched from outside the site: {outside}"
+    assert lora_formulas >= 3 and intro_formulas >= 3, "formulas were not typeset by KaTeX"
+    assert any(src.endswith("figures/lora.png") for src in lora_images), lora_images
+    assert any("overfit" in src for src in intro_images), f"the overfitting plot did not load: {intro_images}"
+    assert diagrams >= 2, "the mermaid diagrams were not drawn"
+    assert outside == [], f"a page fetched from outside the site: {outside}"

@@ -103,7 +103,8 @@ def test_lm_run_report_with_samples_plan_and_flops(tmp_path):
     extra = {"estimated_peak_memory_bytes": 3 * GIB, "flops_per_token": 8.1e8, "mfu": None}
     run = make_run(tmp_path, "lm", task="instruction", peak=2 * GIB, train_extra=extra)
     metrics = json.loads((run / "metrics.json").read_text())
-    metrics["plan"] = {"weights_bytes": GIB, "optimizer_bytes": 512 * 1024**2}
+    metrics["plan"] = {"device": "cpu", "peak_phase": "train", "peak_memory_bytes": 3 * GIB,
+                       "memory": {"weights": GIB, "optimizer": 512 * 1024**2, "total": 3 * GIB}}
     (run / "metrics.json").write_text(json.dumps(metrics))
     md_path, html_path = write_run_report(run)
     md, html = md_path.read_text(), html_path.read_text()
@@ -113,7 +114,9 @@ def test_lm_run_report_with_samples_plan_and_flops(tmp_path):
     assert "| perplexity change | -20.0% |" in md
     assert "| peak memory (estimated) | 3.0 GiB |" in md and "| estimate / measured | 1.50x |" in md
     assert "| model FLOPs utilisation (MFU) | unknown |" in md and "810.0M FLOPs" in md
-    assert "| weights_bytes | 1.0 GiB |" in md and "| optimizer_bytes | 512.0 MiB |" in md
+    # the estimate's memory split in the words `tunelab plan` prints, not its raw keys
+    assert "| weights | 1.0 GiB |" in md and "| optimizer state | 512.0 MiB |" in md
+    assert "| estimated peak (train pass, process RSS) | 3.0 GiB |" in md and "peak_phase" not in md
     # tuned beside untuned: both completions, in columns in the HTML
     assert "Blue." in md and "colour colour colour" in md and "Red." in md
     assert "tuned (3 tokens, ends with EOS)" in html and "untuned (96 tokens, no EOS" in html

@@ -33,6 +33,7 @@ TERMS: dict[str, str] = {
     "validation-set": r"(?i:validation set)",
     "test-set": r"(?i:test set)",
     "dropout": r"(?i:dropout)",
+    "real-tokens-per-second": r"(?i:real tokens per second|real tokens/s)",
     "token": r"(?i:tokens?)",
     "encoder": r"(?i:encoders?)",
     "decoder": r"(?i:decoders?)",
@@ -46,9 +47,9 @@ TERMS: dict[str, str] = {
     "lora": r"LoRA",
     "dora": r"DoRA",
     "qlora": r"QLoRA",
+    "double-quantization": r"(?i:double quantization)",
     "quantization": r"(?i:quantization)",
     "nf4": r"NF4",
-    "double-quantization": r"(?i:double quantization)",
     "prompt-tuning": r"(?i:prompt tuning)",
     "prefix-tuning": r"(?i:prefix tuning)",
     "ia3": r"IA3",
@@ -57,7 +58,6 @@ TERMS: dict[str, str] = {
     "macro-f1": r"(?i:macro F1)",
     "perplexity": r"(?i:perplexity)",
     "nats": r"(?i:nats)",
-    "real-tokens-per-second": r"(?i:real tokens per second|real tokens/s)",
     "activations": r"(?i:activations)",
     "rss": r"RSS",
     "peak-memory": r"(?i:peak memory)",
@@ -73,6 +73,7 @@ TERMS: dict[str, str] = {
     "fsdp": r"FSDP",
     "zero": r"ZeRO",
 }
+# Order matters: a longer term comes before a shorter one it contains ("double quantization", "quantization").
 PATTERNS = {anchor: re.compile(rf"(?<![\w-])({words})(?![\w-])") for anchor, words in TERMS.items()}
 # Spans that are not prose: inline code, links (text and target), HTML tags, math.
 SKIP = re.compile(r"`[^`]*`|!?\[[^\]]*\]\([^)]*\)|<[^>]+>|\$[^$]+\$")

@@ -54,6 +54,8 @@ def on_config(config):
     for readme in sorted((REPO / "examples").glob("*/*/README.md")):
         level = readme.parent.parent.name
         examples.setdefault(level.capitalize(), []).append({_title(readme): str(readme.relative_to(REPO))})
+    levels = ["Beginner", "Intermediate", "Expert"]
+    examples = dict(sorted(examples.items(), key=lambda kv: levels.index(kv[0]) if kv[0] in levels else 9))
     config["nav"] = [
         {"Home": "README.md"},
         {"Learning paths": "learning-paths.md"},
