@@ -43,7 +43,7 @@ def print_comparison(compare_dir: Path) -> None:
         table.add_column(h, justify="left" if h in ("method", "status", "error") else "right")
     for cells in rows:
         table.add_row(*(escape(c) for c in cells))
-    out.print(table)
+    out.print(table, width=None if out.is_terminal else 200)  # a log file gets every column, not 80 wide
     for note in summary["reading"]:
         out.print(f"- {escape(note)}", highlight=False)
 
