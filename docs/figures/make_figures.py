@@ -253,7 +253,7 @@ def nf4_levels(out: Path) -> Path:
 
     code = import_bitsandbytes().functional.get_4bit_type("nf4", device="cpu").float()
     levels = sorted(float(v) for v in torch.unique(code))
-    fig, (ax,) = _figure(7.6, 3.2)
+    fig, (ax,) = _figure(7.6, 3.5)
     xs = np.linspace(-1.05, 1.05, 400)
     density = np.exp(-0.5 * (xs * 2.5) ** 2)  # a normal curve scaled to the block's absmax range
     ax.fill_between(xs, density, color="#e3f2fd", label="pretrained weights / absmax (roughly normal)")
@@ -264,7 +264,7 @@ def nf4_levels(out: Path) -> Path:
     ax.set_yticks([])
     ax.set_xlabel("weight divided by its block's absmax")
     ax.set_title("NF4: 16 levels placed at normal quantiles (bitsandbytes' own table)", fontsize=10)
-    ax.legend(loc="upper left", fontsize=7, frameon=False)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3, fontsize=7, frameon=False)
     return _save(fig, out, "nf4-levels")
 
 
