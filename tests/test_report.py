@@ -236,3 +236,20 @@ def test_human_units(fn, value, text):
 
 def test_fence_is_longer_than_backticks_in_model_output():
     assert _fence("a ```python block") == "````text\na ```python block\n````"
+
+
+def test_variants_of_full_fine_tuning_are_not_compared_to_a_first_row_as_full():
+    from tunelab.report.compare_report import reading_notes
+
+    def row(method, technique, accuracy):
+        return {"method": method, "technique": technique, "status": "completed", "task": "classification",
+                "accuracy": accuracy, "f1_macro": accuracy, "test_examples": 100, "model": "m",
+                "trainable_params": 10, "trainable_percent": 100.0, "peak_memory_bytes": 1, "train_wall_s": 1,
+                "test_tokens": None, "perplexity": None}
+
+    # Learning-rate variants, all full fine-tuning: no row is "the" full fine-tuning to measure the others against.
+    variants = [row("lr1e-5", "full", 0.6), row("lr5e-5", "full", 0.8)]
+    assert not any("vs full fine-tuning" in n for n in reading_notes(variants, "classification"))
+    # One full row among other techniques: each is compared with it (negative control).
+    mixed = [row("lr1e-5", "full", 0.6), row("lora", "lora", 0.7)]
+    assert any(n.startswith("lora vs full fine-tuning: +10.0 points") for n in reading_notes(mixed, "classification"))

@@ -206,9 +206,15 @@ def _cheapest(done: list[dict]) -> list[str]:
 
 
 def _versus_full(done: list[dict], key: str) -> list[str]:
-    full = next((r for r in done if r["technique"] == "full" or r["method"].lower() == "full"), None)
-    if full is None:
+    """Each other technique against full fine-tuning: only when one row is full fine-tuning. When every row is
+    (variants of one setting, e.g. learning rates), there is no "full fine-tuning" to compare against."""
+    if all(r["technique"] == "full" for r in done):
         return []
+    named = [r for r in done if r["method"].lower() == "full"]
+    fulls = named or [r for r in done if r["technique"] == "full"]
+    if len(fulls) != 1:
+        return []
+    full = fulls[0]
     notes = []
     for r in done:
         if r is full:
