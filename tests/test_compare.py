@@ -95,6 +95,6 @@ def test_failed_technique_is_reported_and_the_others_still_run(compare_config, t
     capsys.readouterr()
     print_comparison(compare_dir)
     printed = capsys.readouterr().out
-    for text in ("accuracy", "peak memory (measured)", "failed", "no-such-run", "Best on quality"):
+    for text in ("accuracy", "peak memory (measured)", "broken", "failed", "Best on quality", "Did not complete"):
         assert text in printed, text
     assert re.search(r"\d MiB|\d GiB", printed), "memory in binary units, not raw bytes"

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -43,9 +44,11 @@ def print_comparison(compare_dir: Path) -> None:
         table.add_column(h, justify="left" if h in ("method", "status", "error") else "right")
     for cells in rows:
         table.add_row(*(escape(c) for c in cells))
-    out.print(table, width=None if out.is_terminal else 200)  # a log file gets every column, not 80 wide
+    # A terminal gets its own width; a log file or pipe gets every column instead of rich's default 80.
+    console = out if out.is_terminal else Console(file=out.file, width=200)
+    console.print(table)
     for note in summary["reading"]:
-        out.print(f"- {escape(note)}", highlight=False)
+        console.print(f"- {escape(note)}", highlight=False)
 
 
 @app.command()
