@@ -20,7 +20,7 @@ from transformers import AutoModel
 
 from tunelab.models.loading import quiet_transformers
 from tunelab.models.registry import minilm_dir
-from tunelab.train.hardware import cpu_has_fast_bf16, describe, usable_cores
+from tunelab.runtime.hardware import cpu_has_fast_bf16, describe, usable_cores
 
 BATCH, SEQ, STEPS = 16, 256, 3
 SETTINGS = [

@@ -24,7 +24,7 @@ def run_hf(w, args: argparse.Namespace, best: bool, work: str) -> dict:
     from tunelab.evaluate.metrics import classification_metrics
     from tunelab.models.loading import DROPOUT_KEYS, quiet_transformers
     from tunelab.models.registry import resolve_model
-    from tunelab.train.hardware import peak_memory_bytes, resolve_precision, usable_cores
+    from tunelab.runtime.hardware import peak_memory_bytes, resolve_precision, usable_cores
 
     torch.set_num_threads(usable_cores())  # as tunelab does: os.cpu_count() overcounts in a container
     quiet_transformers()

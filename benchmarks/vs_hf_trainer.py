@@ -249,7 +249,7 @@ def run_tunelab(w: Workload, args: argparse.Namespace, switch: str, work: str) -
     import tunelab.train.run as run_module
     from tunelab.config import apply_overrides, validate_config
     from tunelab.data.batching import collate
-    from tunelab.train.hardware import cpu_has_fast_bf16, resolve_precision
+    from tunelab.runtime.hardware import cpu_has_fast_bf16, resolve_precision
 
     name = "tunelab" + (f"-{switch}" if switch != "baseline" else "")
     raw = apply_overrides(tunelab_raw_config(w, args, work, name), SWITCHES[switch][1])
@@ -315,7 +315,7 @@ def spawn(args: argparse.Namespace, one: str) -> dict:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         if one == "hf-best-heap":
             # What tunelab's default train.cpu_heap=keep sets through mallopt, given to the Trainer's process
-            from tunelab.train.hardware import KEEP_HEAP_ENV
+            from tunelab.runtime.hardware import KEEP_HEAP_ENV
 
             env.update(KEEP_HEAP_ENV)
         print(f"\n=== {one} ===", file=sys.stderr, flush=True)
@@ -338,7 +338,7 @@ def model_flops_per_token(w: Workload, args: argparse.Namespace) -> float | None
         return None
     try:
         cfg = validate_config(tunelab_raw_config(w, args, tempfile.gettempdir(), "flops"))
-        return float(estimate(cfg)["flops_per_token"]["train"])
+        return float(estimate(cfg).flops_per_token.train)
     except Exception as err:  # noqa: BLE001 - MFU is a column, not a reason to lose the benchmark
         print(f"flops per token unknown ({type(err).__name__}: {err})", file=sys.stderr)
         return None
@@ -390,7 +390,7 @@ def machine_line() -> str:
     import torch
     import transformers
 
-    from tunelab.train.hardware import cpu_has_fast_bf16, describe, usable_cores
+    from tunelab.runtime.hardware import cpu_has_fast_bf16, describe, usable_cores
 
     torch.set_num_threads(usable_cores())
     hw = describe()

@@ -14,11 +14,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, BertModel, GPT2Config
 
-from tunelab.config import AdapterMethod
 from tunelab.errors import ConfigError
-from tunelab.methods.adapters import (
-    FAMILIES, AdapterPoint, BottleneckAdapter, adapter_parameters, remove_adapters,
-)
+from tunelab.methods.adapter_layers import FAMILIES, AdapterPoint, adapter_parameters, remove_adapters
+from tunelab.methods.adapters import AdapterMethod, BottleneckAdapter
 
 CONFIGS = ["houlsby", "pfeiffer", "parallel"]
 POINTS_PER_LAYER = {"houlsby": 2, "pfeiffer": 1, "parallel": 1}
@@ -282,12 +280,24 @@ def test_composed_run_saves_and_loads_without_its_sources(models, tmp_path):
 
 def test_composed_runs_must_match_placement_and_model(models, tmp_path):
     run_a = _trained_run(models, tmp_path, "a", seed=9, config="parallel")
-    with pytest.raises(ConfigError, match="set method.config: parallel"):
+    with pytest.raises(ConfigError, match="set method.placement: parallel"):
         METHOD.check(AdapterMethod(config="pfeiffer", compose_with=[run_a]), models["bert"]().config, "classification")
     with pytest.raises(ConfigError, match="trained on a bert model"):
         METHOD.check(AdapterMethod(config="parallel", compose_with=[run_a]), models["llama"]().config, "causal_lm")
     with pytest.raises(ConfigError, match="has no trained adapter"):
         METHOD.check(AdapterMethod(compose_with=[str(tmp_path / "missing")]), models["bert"]().config, "classification")
+
+
+def test_placement_keeps_its_first_name(models, tmp_path):
+    """`placement` was first called `config`: configs and saved runs that use the old name still load."""
+    assert AdapterMethod.model_validate({"name": "adapter", "config": "houlsby"}).placement == "houlsby"
+    model = METHOD.apply(models["bert"](), AdapterMethod(placement="houlsby", reduction_factor=4), "classification")
+    METHOD.save(model, tmp_path)
+    setup = json.loads((tmp_path / "adapter_config.json").read_text())
+    setup["config"] = setup.pop("placement")  # as runs saved before the rename wrote it
+    (tmp_path / "adapter_config.json").write_text(json.dumps(setup))
+    loaded = METHOD.load(models["bert"](), tmp_path)
+    assert len([m for m in loaded.modules() if isinstance(m, AdapterPoint)]) == 2 * model.config.num_hidden_layers
 
 
 # ------------------------------------------------------------------ architectures

@@ -78,7 +78,7 @@ def test_vs_hf_trainer_smoke_writes_the_table(tmp_path):
            "--results", str(out)]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
     record = json.loads(out.with_suffix(".json").read_text())[-1]
-    assert record["smoke"] and set(record["rows"]) == {"hf-tutorial", "hf-best", "tunelab"}
+    assert record["smoke"] and set(record["rows"]) == set(vs.SETUPS)  # hf-tutorial, hf-best, hf-best-heap, tunelab
     for row in record["rows"].values():
         assert "error" not in row and row["steps"] == 3 and row["real_tokens"] > 0
     # Same seeded data and budget: every setup trains the same real tokens.

@@ -6,7 +6,7 @@ import re
 import pytest
 import yaml
 
-from tunelab.compare import plan_comparison, run_comparison
+from tunelab.experiments.compare import plan_comparison, run_comparison
 from tunelab.errors import ConfigError
 
 from conftest import make_config

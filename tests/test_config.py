@@ -10,8 +10,8 @@ def test_shipped_configs_load():
     """Every config we ship validates: run configs, comparison files and sweep files alike."""
     import yaml
 
-    from tunelab.compare import plan_comparison
-    from tunelab.sweep import load_sweep
+    from tunelab.experiments.compare import plan_comparison
+    from tunelab.experiments.sweep import load_sweep
 
     for path in sorted([*(REPO / "configs").glob("*.yaml"), *(REPO / "examples").rglob("*.yaml")]):
         raw = yaml.safe_load(path.read_text())

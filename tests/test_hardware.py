@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tunelab.train.hardware import configure_cpu_heap
+from tunelab.runtime.hardware import configure_cpu_heap
 
 glibc_linux = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="the setting is glibc's"
@@ -18,7 +18,7 @@ glibc_linux = pytest.mark.skipif(
 # the kernel had to hand out (zero-filled) again because the previous step's were given back.
 FAULTS = """
 import resource, sys, torch
-from tunelab.train.hardware import configure_cpu_heap
+from tunelab.runtime.hardware import configure_cpu_heap
 print(configure_cpu_heap(sys.argv[1]), file=sys.stderr)
 def step():
     acts = [torch.empty(mib * 2**18).fill_(1.0) for mib in (4, 48, 12, 48, 12, 96, 48, 12)]

@@ -8,6 +8,7 @@ import torch
 
 from tunelab.config import method_names, validate_config
 from tunelab.plan import estimate, format_plan
+from tunelab.results import Plan
 from tunelab.train import flops
 
 from conftest import make_config, write_jsonl
@@ -57,7 +58,8 @@ def encoder_config(tiny_encoder, sentiment_files):
 
 
 def _plan(raw: dict, device: str = "cpu", **kwargs) -> dict:
-    return estimate(validate_config(raw), device=device, **kwargs)
+    """The plan as a run records it in metrics.json."""
+    return estimate(validate_config(raw), device=device, **kwargs).to_dict()
 
 
 def test_split_adds_up_and_reads_the_data(decoder_config):
@@ -68,7 +70,7 @@ def test_split_adds_up_and_reads_the_data(decoder_config):
     assert "tokenized training set" in est["shapes"]["source"]
     assert est["shapes"]["seq_len"] % 8 == 0 and est["shapes"]["seq_len"] <= 64
     assert est["memory"]["logits"] > 0  # a decoder's LM head
-    assert "total" in format_plan(est) and "FLOPs per token" in format_plan(est)
+    assert "total" in format_plan(Plan.from_dict(est)) and "FLOPs per token" in format_plan(Plan.from_dict(est))
 
 
 def test_cuda_peak_is_allocated_bytes(decoder_config):

@@ -3,7 +3,7 @@
 import json
 
 from tunelab.config import validate_config
-from tunelab.profile import run_profile
+from tunelab.experiments.profile import run_profile
 from tunelab.train.optim import build_optimizer
 
 from conftest import make_config

@@ -14,7 +14,8 @@ import yaml
 
 from tunelab.config import load_config, validate_config
 from tunelab.errors import ConfigError, TunelabError
-from tunelab.sweep import STUDY_NAME, _pruning_hook, load_sweep, run_sweep
+from tunelab.experiments.sweep import STUDY_NAME, load_sweep, run_sweep
+from tunelab.experiments.sweep.search import _pruning_hook
 from tunelab.train.run import run_training
 
 from conftest import make_config
@@ -101,7 +102,7 @@ def test_median_pruner_stops_a_trial_worse_than_earlier_ones(sweep_file, tmp_pat
 KILLED_RUN = """
 import os, sys, time
 from tunelab.train import run as run_module
-from tunelab.sweep import run_sweep
+from tunelab.experiments.sweep import run_sweep
 
 real = run_module.run_training
 

@@ -220,7 +220,7 @@ def lr_schedules(out: Path) -> Path:
 
 def memory_breakdown(out: Path) -> Path:
     from tunelab.config import load_config
-    from tunelab.plan.estimate import GIB, MEMORY_TERMS, estimate
+    from tunelab.plan.estimate import GIB, estimate
 
     config = REPO / "examples" / "beginner" / "full-fine-tuning" / "config.yaml"
     techniques = [("full", []), ("lora", ["method.name=lora"]), ("qlora", ["method.name=qlora"]),
@@ -231,14 +231,14 @@ def memory_breakdown(out: Path) -> Path:
     colors = ("#90a4ae", "#4fc3f7", "#ffb74d", "#81c784", "#ce93d8", "#f48fb1", "#e0e0e0")
     for i, (name, plan) in enumerate(plans):
         left = 0.0
-        for (key, label), color in zip(MEMORY_TERMS, colors):
-            value = plan["memory"][key] / GIB
+        for (label, train_bytes, _), color in zip(plan.memory_rows()[:-1], colors):  # the last row is the total
+            value = train_bytes / GIB
             ax.barh(i, value, left=left, color=color, edgecolor="white", label=label if i == 0 else None)
             left += value
         ax.text(left + 0.01, i, f"{left:.2f} GiB", va="center", fontsize=8)
     ax.set_yticks(range(len(plans)), [name for name, _ in plans])
     ax.invert_yaxis()
-    ax.set_xlim(0, max(p["memory"]["total"] for _, p in plans) / GIB * 1.2)
+    ax.set_xlim(0, max(p.memory.total for _, p in plans) / GIB * 1.2)
     ax.set_xlabel("estimated memory at the training step's peak (GiB, process RSS on a CPU)")
     ax.set_title("tunelab plan on the quickstart (MiniLM, IMDB, batch 16 x 128 tokens, fp32)", fontsize=10)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=4, fontsize=7, frameon=False)

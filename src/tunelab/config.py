@@ -1,18 +1,25 @@
 """The typed schema of a run, loaded from YAML with dotted command-line overrides.
 
 Every section forbids unknown keys, so a typo (`train.lrr`) stops the run before any work starts, with
-one line naming the key and the keys that are valid there.
+one line naming the key and the keys that are valid there (`one_line_error`, which the compare and sweep
+sections use too).
+
+The `method:` section is assembled from the technique registry (methods/), so this module stands above the
+techniques' config classes and below every stage. It imports no torch: a bad key costs a fraction of a second.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 
 from tunelab.errors import ConfigError
+from tunelab.methods import METHODS, method_configs
 
 Task = Literal["classification", "causal_lm", "instruction"]
 
@@ -75,97 +82,9 @@ class DataConfig(_Section):
     )
 
 
-class FullMethod(_Section):
-    name: Literal["full"] = "full"
-
-
-class LoraMethod(_Section):
-    name: Literal["lora"] = "lora"
-    rank: int = Field(8, ge=1, description="Rank of the update B@A: higher = more capacity and memory.")
-    alpha: float = Field(16, gt=0, description="Scale of the update is alpha/rank.")
-    dropout: float = Field(
-        0.0, ge=0, lt=1,
-        description="Dropout on the LoRA input. 0 (the default) lets the adapter reuse the input its layer already "
-        "keeps for backward; >0 keeps a dropped copy per adapted layer: 1.22x slower and a 25% higher peak on "
-        "SmolLM2 for the same perplexity (docs/09-optimization.md). Raise it when a long run overfits.",
-    )
-    target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="Module names to adapt, or all-linear for every linear layer but the output."
-    )
-    use_dora: bool = Field(False, description="DoRA: learn magnitude and direction apart; slower per step.")
-
-
-class DoraMethod(LoraMethod):
-    """LoRA with the weight split into magnitude and direction (Liu et al. 2024): `lora` with use_dora on."""
-
-    name: Literal["dora"] = "dora"  # type: ignore[assignment]
-    use_dora: Literal[True] = Field(True, description="Always on for dora.")
-
-
-class QloraMethod(LoraMethod):
-    """LoRA on a base whose linear layers are stored in 4 bits (Dettmers et al. 2023)."""
-
-    name: Literal["qlora"] = "qlora"  # type: ignore[assignment]
-    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type; NF4 suits normally distributed weights.")
-    double_quant: bool = Field(True, description="Quantize the quantization constants too: ~0.4 bits/weight saved.")
-    compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="dtype the 4-bit weights are dequantized to for each matmul; auto = the run's precision."
-    )
-
-
-class Ia3Method(_Section):
-    name: Literal["ia3"] = "ia3"
-    target_modules: list[str] | None = Field(
-        None, description="Modules whose activations are rescaled; null = PEFT's default for the architecture (k, v, FFN)."
-    )
-    feedforward_modules: list[str] | None = Field(
-        None, description="Which of target_modules are FFN layers (scaled on their input); null = PEFT's default."
-    )
-
-
-class PromptMethod(_Section):
-    name: Literal["prompt"] = "prompt"
-    num_virtual_tokens: int = Field(20, ge=1, description="Trainable embeddings prepended to every input.")
-    init: Literal["random", "text"] = Field("random", description="Start from random vectors or from init_text's embeddings.")
-    init_text: str | None = Field(None, description="With init: text, e.g. 'Classify the sentiment of this review:'.")
-
-    @model_validator(mode="after")
-    def _text_needs_text(self) -> PromptMethod:
-        if self.init == "text" and not self.init_text:
-            raise ValueError("init 'text' needs init_text")
-        return self
-
-
-class PrefixMethod(_Section):
-    name: Literal["prefix"] = "prefix"
-    num_virtual_tokens: int = Field(20, ge=1, description="Trainable key/value pairs prepended in every layer.")
-    projection: bool = Field(False, description="Reparameterize the prefix through an MLP (Li & Liang 2021); more weights.")
-
-
-class AdapterMethod(_Section):
-    name: Literal["adapter"] = "adapter"
-    config: Literal["pfeiffer", "houlsby", "parallel"] = Field(
-        "pfeiffer",
-        description="Where bottlenecks go: pfeiffer = after each FFN; houlsby = after attention and FFN; "
-        "parallel = beside each FFN.",
-    )
-    reduction_factor: int = Field(16, ge=1, description="Bottleneck width = hidden size / reduction_factor.")
-    non_linearity: Literal["relu", "gelu", "swish", "tanh"] = "relu"
-    scaling: float = Field(1.0, gt=0, description="Multiplier on the adapter's output (He et al. use 4 for parallel adapters).")
-    compose_with: list[str] = Field(
-        default_factory=list, description="Run directories of trained adapters, loaded frozen and composed with the new one."
-    )
-    composition: Literal["stack", "parallel", "average"] = Field(
-        "stack",
-        description="How the adapters combine: stack = one after another; parallel = side by side, outputs summed; "
-        "average = outputs averaged.",
-    )
-
-
-MethodConfig = Annotated[
-    Union[FullMethod, LoraMethod, DoraMethod, QloraMethod, Ia3Method, PromptMethod, PrefixMethod, AdapterMethod],
-    Field(discriminator="name"),
-]
+# The `method:` section: one config class per technique, each beside its Method in methods/, assembled here
+# from the registry. The discriminator is `name`, so a wrong name is one error listing the valid ones.
+MethodConfig = Annotated[Union[tuple(method_configs())], Field(discriminator="name")]  # type: ignore[valid-type]
 
 
 class TrainConfig(_Section):
@@ -233,7 +152,7 @@ class RunConfig(_Section):
     task: Task
     model: ModelConfig
     data: DataConfig
-    method: MethodConfig = Field(default_factory=FullMethod)
+    method: MethodConfig = Field(default_factory=lambda: METHODS["full"].config_class())
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
@@ -246,14 +165,14 @@ class RunConfig(_Section):
             raise ValueError("set data.validation or data.validation_split, not both")
         if self.data.packing and self.task == "classification":
             raise ValueError("data.packing applies to causal_lm and instruction tasks only")
-        if self.data.packing and self.method.name in ("prompt", "prefix"):
-            # PEFT drops position_ids for prompt tuning, and prefix tuning's cache disables the packed mask.
-            raise ValueError(f"data.packing cannot be used with method '{self.method.name}'")
+        refusal = METHODS[self.method.name].packing_refusal
+        if self.data.packing and refusal:
+            raise ValueError(f"data.packing cannot be used with method '{self.method.name}' ({refusal})")
         return self
 
 
 def method_names() -> list[str]:
-    return [m.model_fields["name"].default for m in MethodConfig.__origin__.__args__]  # type: ignore[attr-defined]
+    return list(METHODS)
 
 
 # --------------------------------------------------------------------------- loading
@@ -289,51 +208,90 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def _method_class(name: str) -> type[BaseModel] | None:
-    return next((m for m in MethodConfig.__origin__.__args__ if m.model_fields["name"].default == name), None)  # type: ignore[attr-defined]
+# --------------------------------------------------------------------------- one-line errors
 
 
-def _section_for(loc: list[str]) -> type[BaseModel] | None:
-    """The config section a key path points into, e.g. ['method', 'lora'] -> LoraMethod."""
-    node: type[BaseModel] | None = RunConfig
-    for part in loc:
-        if node is RunConfig and part == "method":
-            node = None  # the next part is the method tag
+def _model_class(annotation) -> type[BaseModel] | None:
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _tagged_union(annotation, discriminator: str | None) -> tuple[str, dict[str, type[BaseModel]]] | None:
+    """(discriminator field, tag -> class) when `annotation` is a discriminated union of models, else None."""
+    if get_origin(annotation) is Annotated:  # a union inside a container keeps its Field(discriminator=...)
+        annotation, *metadata = get_args(annotation)
+        discriminator = next((m.discriminator for m in metadata if isinstance(m, FieldInfo) and m.discriminator),
+                             discriminator)
+    if not discriminator or get_origin(annotation) not in (Union, UnionType):
+        return None
+    members = [m for m in get_args(annotation) if _model_class(m)]
+    # The tag is the field's Literal value (a default may be absent: IntParam's `type` has none).
+    return discriminator, {get_args(m.model_fields[discriminator].annotation)[0]: m for m in members}
+
+
+def _walk(root: type[BaseModel], loc: list) -> tuple[list[str], type[BaseModel] | None, tuple | None]:
+    """Follow an error location through the schema: (the key path as the user wrote it, the section it ends in,
+    the discriminated union it ends at, if any). The union tags pydantic puts in a location (method.lora.rank,
+    space.train.lr.float.low) are dropped: the user never wrote them."""
+    keys: list[str] = []
+    node: type[BaseModel] | None = root
+    union = None
+    parts = [str(p) for p in loc]
+    i = 0
+    while i < len(parts):
+        field = node.model_fields.get(parts[i]) if node else None
+        keys.append(parts[i])
+        annotation, discriminator = (field.annotation, field.discriminator) if field else (None, None)
+        if get_origin(annotation) is dict and i + 1 < len(parts):  # a mapping: the next part is the user's key
+            i += 1
+            keys.append(parts[i])
+            annotation, discriminator = get_args(annotation)[1], None
+        union = _tagged_union(annotation, discriminator)
+        if union and i + 1 < len(parts) and parts[i + 1] in union[1]:
+            node, union = union[1][parts[i + 1]], None
+            i += 2
             continue
-        if node is None:
-            node = _method_class(part)
-            continue
-        field = node.model_fields.get(part)
-        node = field.annotation if field and isinstance(field.annotation, type) else None
-        if node is not None and not issubclass(node, BaseModel):
-            return None
-    return node
+        node = _model_class(annotation)
+        i += 1
+    return keys, node, union
 
 
-def _one_line(err: ValidationError) -> str:
+def one_line_error(err: ValidationError, root: type[BaseModel], kind: str = "config", prefix: str = "",
+                   tag_nouns: dict[str, str] | None = None) -> str:
+    """The first error of a validation, as one line naming the key the user wrote.
+
+    kind: the word before "key" (config, sweep). prefix: the section the root model sits under (sweep,
+    compare). tag_nouns: discriminator field -> what a wrong tag is called ("name" -> "method").
+    """
     first = err.errors()[0]
-    raw_loc = [str(p) for p in first["loc"]]
-    # discriminated unions put the tag in the path (method.lora.rank): drop it for the user.
-    loc = [raw_loc[0]] + raw_loc[2:] if raw_loc[:1] == ["method"] and len(raw_loc) > 1 and _method_class(raw_loc[1]) else raw_loc
-    key = ".".join(loc) or "(top level)"
-    if first["type"] == "extra_forbidden":
-        section = _section_for(raw_loc[:-1])
-        valid = ", ".join(sorted(section.model_fields)) if section else ""
-        return f"config key '{key}' is not known; valid keys here: {valid}"
-    if first["type"] == "union_tag_invalid":
-        return f"config key '{key}.name': unknown method {first['input'].get('name')!r}; choose one of: {', '.join(method_names())}"
-    if first["type"] == "value_error":  # a cross-check of several keys: its message names them
-        return f"{'config key ' + repr(key) if loc else 'config'}: {first['msg'].removeprefix('Value error, ')}"
-    if first["type"] == "missing":
-        return f"config key '{key}' is required"
-    return f"config key '{key}': {first['msg']} (got {first.get('input')!r})"
+    loc = list(first["loc"])
+    keys, _, union = _walk(root, loc)
+    key = ".".join(([prefix] if prefix else []) + keys) or "(top level)"
+    what = f"{kind} key {key!r}"
+    error = first["type"]
+    if error == "extra_forbidden":
+        _, parent, _ = _walk(root, loc[:-1])
+        valid = ", ".join(sorted(parent.model_fields)) if parent else ""
+        return f"{what} is not known; valid keys here: {valid}"
+    if error in ("union_tag_invalid", "union_tag_not_found") and union:
+        discriminator, members = union
+        choices = ", ".join(members)
+        if error == "union_tag_not_found":
+            return f"{what} needs a {discriminator}: {choices}"
+        noun = (tag_nouns or {}).get(discriminator, discriminator)
+        tag = first["input"].get(discriminator) if isinstance(first["input"], dict) else first["input"]
+        return f"{kind} key '{key}.{discriminator}': unknown {noun} {tag!r}; choose one of: {choices}"
+    if error == "value_error":  # a check of one or several keys: its message names them
+        return f"{what if keys or prefix else kind}: {first['msg'].removeprefix('Value error, ')}"
+    if error == "missing":
+        return f"{what} is required"
+    return f"{what}: {first['msg']} (got {first.get('input')!r})"
 
 
 def validate_config(raw: dict) -> RunConfig:
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_one_line(err)) from None
+        raise ConfigError(one_line_error(err, RunConfig, tag_nouns={"name": "method"})) from None
 
 
 def read_config_file(path: str | Path, kind: str = "config") -> dict:

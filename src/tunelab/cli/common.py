@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -14,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from tunelab.errors import TunelabError
+from tunelab.runtime.atomic import atomic_write_text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Fine-tune language models, offline-first.")
 out = Console()
@@ -107,7 +107,5 @@ def write_jsonl(rows: list[dict], output: Optional[Path]) -> None:
     if output is None:
         sys.stdout.write(text)
         return
-    tmp = output.with_name(f".{output.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, output)
+    atomic_write_text(output, text)
     err.print(f"wrote {len(rows)} rows to {output}")

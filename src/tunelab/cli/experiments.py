@@ -20,7 +20,7 @@ def compare(
     methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated, e.g. full,lora,ia3 (default: compare.methods)."),
 ):
     """Train several techniques on the same data, seed and budget; write one side-by-side report."""
-    from tunelab.compare import run_comparison
+    from tunelab.experiments.compare import run_comparison
 
     chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     quiet_libraries()
@@ -75,7 +75,7 @@ def profile(
 ):
     """Profile a few training steps: top-ops table, forward/backward/optimizer split, Chrome trace file."""
     from tunelab.config import load_config
-    from tunelab.profile import run_profile
+    from tunelab.experiments.profile import run_profile
 
     cfg = load_config(config, overrides or [])
     quiet_libraries()
@@ -90,7 +90,7 @@ def sweep(
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this sweep directory (finished trials are kept)."),
 ):
     """Search hyperparameters with Optuna (TPE, median pruning); writes best_config.yaml and plots."""
-    from tunelab.sweep import run_sweep
+    from tunelab.experiments.sweep import run_sweep
 
     # `tunelab sweep --resume DIR sweep.trials=12`: the override lands in the CONFIG slot.
     if config is not None and "=" in config.name and not config.is_file():

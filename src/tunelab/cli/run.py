@@ -28,9 +28,12 @@ def train(
         raise TunelabError("a resumed run keeps its own config.yaml: give --resume RUN_DIR alone")
     cfg = resume_config(str(resume)) if resume else load_config(config, overrides or [])
     run, metrics = run_training(cfg, str(resume) if resume else None, err)
-    from tunelab.train.distributed import is_main_process
+    from tunelab.runtime.distributed import is_main_process
 
-    if is_main_process():  # under accelerate launch, one table, not one per process
+    if is_main_process():  # under accelerate launch, one report and one table, not one per process
+        from tunelab.report import report_after_run
+
+        report_after_run(run.path, err)
         print_metrics(metrics, run.labels())
         out.print(f"run directory: {run.path}")
 

@@ -15,18 +15,17 @@ from tunelab.errors import DataError, TunelabError
 from tunelab.evaluate.runner import evaluate_classification, evaluate_lm, generate, predict_classes
 from tunelab.methods import get_method
 from tunelab.models.loading import load_task_model, load_tokenizer
-from tunelab.track.run_dir import RunDir
-from tunelab.train.hardware import resolve_precision, usable_cores
+from tunelab.runtime.hardware import resolve_precision, usable_cores
+from tunelab.runtime.run_dir import RunDir
 
 
 class TrainedModel:
     def __init__(self, run_dir: str | Path):
         run = RunDir(run_dir)
-        if not run.config_path.is_file():
+        if not run.is_run():
             raise TunelabError(f"{run_dir}: not a run directory (no config.yaml)")
-        if not (run.model_dir / "backbone").is_dir():
-            status = run.manifest().get("status", "unknown") if (run.path / "manifest.json").is_file() else "unknown"
-            raise TunelabError(f"{run_dir}: has no trained model (run status: {status})")
+        if not run.has_model():
+            raise TunelabError(f"{run_dir}: has no trained model (run status: {run.status()})")
         torch.set_num_threads(usable_cores())
         self.run = run
         self.cfg = load_config(run.config_path)
@@ -37,11 +36,12 @@ class TrainedModel:
             self.cfg.model, self.cfg.task, num_labels=len(self.labels),
             pretrained_kwargs=method.pretrained_kwargs(self.cfg.method, self.precision),
         )
-        model.backbone = method.load(model.backbone, run.model_dir / "backbone")
+        files = run.model_files
+        model.backbone = method.load(model.backbone, files.backbone)
         if self.labels:
-            model.head.load_state_dict(load_file(run.model_dir / "head.safetensors"))
+            model.head.load_state_dict(load_file(files.head))
         self.model = model.eval()
-        self.tokenizer = load_tokenizer(run.model_dir / "tokenizer", self.cfg.model)
+        self.tokenizer = load_tokenizer(files.tokenizer, self.cfg.model)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device)
         self.template = choose_template(self.cfg.data.template, self.tokenizer) if self.cfg.task == "instruction" else None

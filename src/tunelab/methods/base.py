@@ -1,22 +1,67 @@
-"""The interface every technique implements.
+"""The interface every technique implements, and the base of every technique's config section.
 
-A technique acts on the backbone only: it freezes, wraps or adds modules there and hands back the
-module to train. The task head (if any) stays fully trainable and is saved by the run, so the training
-loop never asks which technique it is running.
+A technique owns everything about itself: its config section (a `MethodSettings` subclass in its own
+module), its default learning rate, what it can be combined with, and what it adds to memory. It acts on
+the backbone only: it freezes, wraps or adds modules there and hands back the module to train. The task
+head (if any) stays fully trainable and is saved by the run, so the training loop, the planner and the
+task models ask a technique through this interface and never branch on its name.
+
+Modules here import no torch or PEFT at the top: config.py builds the run schema from the config sections,
+and loading a config must not wait for torch (a bad key is reported in a fraction of a second).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from torch import nn
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+class MethodSettings(BaseModel):
+    """Base of a technique's config section (`method:`): unknown keys are refused, like every section."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    name: str
+
+
+@dataclass
+class ActivationCost:
+    """What one wrapped module makes autograd keep, in elements per token (the planner multiplies by tokens and
+    the element size)."""
+
+    kept: float = 0.0  # saved for backward until the step's backward reaches it
+    masks: float = 0.0  # of `kept`, elements that also keep a 1-byte dropout mask
+    transient: float = 0.0  # allocated and freed within the forward pass (CPU allocator slack)
+
+
+@dataclass
+class FormulaCounts:
+    """Parameter counts by formula, for a technique that cannot be applied to a meta-device model."""
+
+    added: int  # parameters the technique adds (all trainable)
+    trainable_matmul: int  # of which matmul weights
+    activation_elements: float  # per token per layer, see ActivationCost.kept
+    transient_elements: float  # per token per layer, see ActivationCost.transient
+    note: str
 
 
 class Method:
-    """Base of every technique. Subclasses set `name` and `default_lr` and implement apply/save/load."""
+    """Base of every technique. Subclasses set `name`, `config_class` and `default_lr` and implement
+    apply/save/load; the other hooks have defaults that suit a technique with nothing special about them."""
 
     name: str
+    config_class: type[MethodSettings]
     default_lr: float  # used when train.lr is null: a value that works on the bundled models
+    # Why data.packing cannot be used with this technique; None = it can. Packed rows need attention kept
+    # within each example (data/packing.py); a technique that changes the sequence or the attention cache
+    # can break that.
+    packing_refusal: str | None = None
 
     def learning_rate(self, cfg) -> float:
         """The rate used when train.lr is null; a technique whose knobs change what a good rate is overrides it."""
@@ -53,6 +98,38 @@ class Method:
     def load(self, base_backbone: nn.Module, out_dir: Path) -> nn.Module:
         """Rebuild the trained backbone from a fresh base and what save() wrote."""
         raise NotImplementedError
+
+    def blocks_packing(self, backbone: nn.Module) -> bool:
+        """True when `backbone` carries this technique and the technique cannot run packed rows (see
+        packing_refusal). The task models ask, for a backbone built outside a run's config checks."""
+        return False
+
+    # ------------------------------------------------------------------ what the planner asks (plan/)
+
+    def for_meta_count(self, cfg) -> tuple[Method, Any]:
+        """The technique and config to apply to a meta-device model (shapes, no storage) to count parameters
+        exactly; override when applying this one there would need real weights or files."""
+        return self, cfg
+
+    def quantized_weight_bytes(self, cfg) -> float | None:
+        """Bytes per base linear weight when the technique stores the frozen base quantized; None = fp32."""
+        return None
+
+    def activation_cost(self, module: nn.Module, cfg) -> ActivationCost | None:
+        """What `module`, one the technique wrapped or added, makes autograd keep; None for other modules."""
+        return None
+
+    def virtual_tokens(self, cfg) -> int:
+        """Tokens prepended to every input row (prompt tuning)."""
+        return 0
+
+    def prefix_tokens(self, cfg) -> int:
+        """Extra keys/values prepended in every attention layer (prefix tuning)."""
+        return 0
+
+    def formula_counts(self, cfg, hidden: int, layers: int) -> FormulaCounts | None:
+        """Counts by formula, used when applying to a meta-device model fails; None = no formula."""
+        return None
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

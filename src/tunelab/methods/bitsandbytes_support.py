@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:  # importing this module must stay light: config loading imports the methods
+    from torch import nn
 
 _KERNEL_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
 

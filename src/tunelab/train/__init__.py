@@ -1,1 +1,1 @@
-"""The training loop, checkpoints, optimizer and schedule, hardware accounting."""
+"""The training loop, one run end to end, checkpoints, optimizer and schedule, FLOPs and MFU."""

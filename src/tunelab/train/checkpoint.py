@@ -11,20 +11,21 @@ safetensors and everything else in JSON:
     rng.safetensors         torch CPU (and CUDA) RNG states: a resumed run draws the same dropout masks
     state.json              step, epoch, batches done in the epoch, scheduler state, counters
 
-The folder is written under a temporary name and renamed into place: a crash mid-write leaves a temp
-folder that is ignored and cleaned, never a checkpoint that looks complete but is not.
+The folder is written under a temporary name and renamed into place (runtime/atomic.py): a crash mid-write
+leaves a temp folder that is ignored and cleaned, never a checkpoint that looks complete but is not.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from tunelab.runtime.atomic import atomic_dir
 
 PREFIX = "step-"
 
@@ -57,22 +58,17 @@ def _join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
 def save_checkpoint(ckpt_root: Path, model: nn.Module, optimizer, scheduler, train_state: dict, keep: int) -> Path:
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"{PREFIX}{train_state['step']:06d}"
-    tmp = ckpt_root / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(_trainable(model), tmp / "trainable.safetensors")
-    opt_tensors, opt_rest = _split_optimizer_state(optimizer.state_dict())
-    save_file(opt_tensors, tmp / "optimizer.safetensors")
-    (tmp / "optimizer.json").write_text(json.dumps(opt_rest))
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    save_file(rng, tmp / "rng.safetensors")
-    state = dict(train_state, scheduler=scheduler.state_dict())
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with atomic_dir(final) as tmp:
+        save_file(_trainable(model), tmp / "trainable.safetensors")
+        opt_tensors, opt_rest = _split_optimizer_state(optimizer.state_dict())
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        (tmp / "optimizer.json").write_text(json.dumps(opt_rest))
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        save_file(rng, tmp / "rng.safetensors")
+        state = dict(train_state, scheduler=scheduler.state_dict())
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
     for old in list_checkpoints(ckpt_root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -12,11 +12,11 @@ gets None and MFU stays null: a guessed peak would make every MFU after it a gue
 from __future__ import annotations
 
 import re
-from functools import lru_cache
 
 import torch
 
-from tunelab.train.hardware import cpu_flags, usable_cores
+from tunelab.runtime.cpuinfo import cpu_fields
+from tunelab.runtime.hardware import cpu_flags, usable_cores
 
 TFLOPS = 1e12
 
@@ -65,22 +65,6 @@ def gpu_peak_flops(name: str, precision: str) -> float | None:
 # ------------------------------------------------------------------------------------------------ CPU
 
 
-@lru_cache
-def _cpuinfo() -> dict[str, str]:
-    """The first processor's fields of /proc/cpuinfo (empty off Linux)."""
-    fields: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if not line.strip():
-                    break
-                key, _, value = line.partition(":")
-                fields[key.strip()] = value.strip()
-    except OSError:
-        pass
-    return fields
-
-
 def cpu_clock_hz() -> float | None:
     """The highest clock the cores reach: cpufreq's max (what lscpu calls max MHz), else /proc/cpuinfo's
     current `cpu MHz` (what a VM without cpufreq exposes)."""
@@ -89,7 +73,7 @@ def cpu_clock_hz() -> float | None:
             return int(f.read().strip()) * 1e3  # kHz
     except (OSError, ValueError):
         pass
-    mhz = _cpuinfo().get("cpu MHz")
+    mhz = cpu_fields().get("cpu MHz")
     try:
         return float(mhz) * 1e6 if mhz else None
     except ValueError:
@@ -124,7 +108,7 @@ def cpu_flops_per_cycle(precision: str, flags: frozenset[str] | None = None, ven
 def cpu_peak_flops(precision: str) -> float | None:
     """usable cores x clock x FLOPs/cycle/core. Counts the cores this process may use (its affinity mask):
     in a container that is the share it runs on, not the host's."""
-    info = _cpuinfo()
+    info = cpu_fields()
     try:
         family = int(info.get("cpu family", "0"))
     except ValueError:

@@ -7,11 +7,9 @@ precision and the distributed wrappers, so the same loop runs on one CPU core or
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
-import shutil
 import time
+
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
@@ -28,12 +26,15 @@ from tunelab.errors import ConfigError, DataError, TunelabError
 from tunelab.evaluate.runner import evaluate_classification, evaluate_lm, generate, instruction_prompts
 from tunelab.methods import count_parameters, get_method
 from tunelab.models.loading import load_task_model
-from tunelab.track.run_dir import RunDir
-from tunelab.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from tunelab.train.distributed import accelerator_cpu_flag, join_processes, launched_with, threads_per_process
+from tunelab.models.task_models import IGNORE_INDEX
 from tunelab.plan import estimate
+from tunelab.results import TrainMetrics
+from tunelab.runtime.atomic import atomic_dir
+from tunelab.runtime.distributed import accelerator_cpu_flag, join_processes, launched_with, threads_per_process
+from tunelab.runtime.hardware import configure_cpu_heap, describe, peak_memory_bytes, resolve_precision
+from tunelab.runtime.run_dir import ModelFiles, RunDir
+from tunelab.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from tunelab.train.flops import mfu, peak_flops
-from tunelab.train.hardware import configure_cpu_heap, describe, peak_memory_bytes, resolve_precision
 from tunelab.train.optim import build_optimizer, build_scheduler
 from tunelab.train.progress import TrainProgress
 
@@ -158,7 +159,7 @@ class FineTune:
             f"model {cfg.model.name} ({cfg.task}), method {cfg.method.name}: "
             f"{self.trainable_params:,} of {self.total_params:,} parameters trainable "
             f"({100 * self.trainable_params / self.total_params:.2f}%), precision {self.precision}, lr {self.lr:g}, "
-            f"{self.total_steps} steps, estimated peak memory {self.plan['peak_memory_bytes'] / 1024**3:.2f} GiB "
+            f"{self.total_steps} steps, estimated peak memory {self.plan.peak_memory_bytes / 1024**3:.2f} GiB "
             f"({'process RSS' if self.device.type == 'cpu' else 'allocated tensors'})"
         )
 
@@ -224,7 +225,7 @@ class FineTune:
         """What a micro-batch's loss is summed over: examples for classification, target tokens for LM."""
         if self.cfg.task == "classification":
             return torch.tensor(batch["labels"].numel(), device=self.device)
-        return (batch["labels"][:, 1:] != -100).sum()
+        return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
     # ------------------------------------------------------------------ train
 
@@ -339,25 +340,20 @@ class FineTune:
         state = acc.get_state_dict(self.model) if self.gather_on_save else None
         if acc.is_main_process:
             model = self._unwrapped()
-            final = self.run.model_dir
-            tmp = final.with_name(".model.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            if state is None:
-                self.method.save(model.backbone, tmp / "backbone")
-                head = model.head.state_dict() if hasattr(model, "head") else {}
-            else:
-                backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
-                self.method.save(model.backbone, tmp / "backbone", state_dict=backbone)
-                head = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
-            if hasattr(model, "head"):
-                save_file({k: v.contiguous() for k, v in head.items()}, tmp / "head.safetensors")
-                (self.run.path / "labels.json").write_text(json.dumps(self.splits.labels))
-            _check_weight_files(tmp)
-            self.tokenizer.save_pretrained(tmp / "tokenizer")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            with atomic_dir(self.run.model_dir) as tmp:
+                files = ModelFiles(tmp)
+                if state is None:
+                    self.method.save(model.backbone, files.backbone)
+                    head = model.head.state_dict() if hasattr(model, "head") else {}
+                else:
+                    backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+                    self.method.save(model.backbone, files.backbone, state_dict=backbone)
+                    head = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
+                if hasattr(model, "head"):
+                    save_file({k: v.contiguous() for k, v in head.items()}, files.head)
+                    self.run.write_labels(self.splits.labels)
+                _check_weight_files(tmp)
+                self.tokenizer.save_pretrained(files.tokenizer)
         acc.wait_for_everyone()
 
     # ------------------------------------------------------------------ evaluate
@@ -386,28 +382,28 @@ class FineTune:
             sample["reference"] = ex.get("output") or ex.get("messages", [{}])[-1].get("content")
         return out
 
-    def train_metrics(self) -> dict:
+    def train_metrics(self) -> TrainMetrics:
         wall = self.state["train_wall_s"]
-        return {
-            "steps": self.state["step"],
-            "wall_s": round(wall, 2),
-            "real_tokens": self.state["real_tokens"],
-            "real_tokens_per_s": self.state["real_tokens"] / wall if wall else None,
-            "peak_memory_bytes": peak_memory_bytes(self.device),
-            "trainable_params": self.trainable_params,
-            "total_params": self.total_params,
-            "trainable_percent": 100 * self.trainable_params / self.total_params,
-            "precision": self.precision,
-            "cpu_heap": self.cpu_heap,
-            "lr": self.lr,
-            "num_processes": self.accelerator.num_processes,
-            "estimated_peak_memory_bytes": self.plan["peak_memory_bytes"],
-            "flops_per_token": self.plan["flops_per_token"]["train"],
+        return TrainMetrics(
+            steps=self.state["step"],
+            wall_s=round(wall, 2),
+            real_tokens=self.state["real_tokens"],
+            real_tokens_per_s=self.state["real_tokens"] / wall if wall else None,
+            peak_memory_bytes=peak_memory_bytes(self.device),
+            trainable_params=self.trainable_params,
+            total_params=self.total_params,
+            trainable_percent=100 * self.trainable_params / self.total_params,
+            precision=self.precision,
+            cpu_heap=self.cpu_heap,
+            lr=self.lr,
+            num_processes=self.accelerator.num_processes,
+            estimated_peak_memory_bytes=self.plan.peak_memory_bytes,
+            flops_per_token=self.plan.flops_per_token.train,
             # Per device: real_tokens counts every process's tokens, so one device's share against its peak.
-            "mfu": mfu(self.plan["flops_per_token"]["train"],
-                       self.state["real_tokens"] / wall / self.accelerator.num_processes if wall else None,
-                       peak_flops(self.device, self.precision)),
-        }
+            mfu=mfu(self.plan.flops_per_token.train,
+                    self.state["real_tokens"] / wall / self.accelerator.num_processes if wall else None,
+                    peak_flops(self.device, self.precision)),
+        )
 
 
 def _check_weight_files(folder) -> None:

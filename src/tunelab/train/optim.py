@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import get_scheduler
+
+from tunelab.methods.bitsandbytes_support import import_peft
+
+# transformers' scheduler module imports PEFT when it is installed, and PEFT alone would import bitsandbytes.
+import_peft()
+from transformers import get_scheduler  # noqa: E402
 
 SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 

@@ -26,14 +26,14 @@ class TrainProgress:
             TextColumn("[bold]train"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tps]} real tok/s"),
+            TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[real_tokens_per_s]} real tok/s"),
             TimeElapsedColumn(),
             TextColumn("eta"),
             TimeRemainingColumn(),
             console=console,
             disable=not (enabled and self.live),
         )
-        self.task = self.progress.add_task("train", total=total, completed=start, loss="-", lr="-", tps="-")
+        self.task = self.progress.add_task("train", total=total, completed=start, loss="-", lr="-", real_tokens_per_s="-")
 
     def __enter__(self):
         self.progress.__enter__()
@@ -43,11 +43,11 @@ class TrainProgress:
         return self.progress.__exit__(*exc)
 
     def update(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
-        fields = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tps": f"{tokens_per_s:,.0f}"}
+        fields = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "real_tokens_per_s": f"{tokens_per_s:,.0f}"}
         self.progress.update(self.task, completed=step, **fields)
         if self.enabled and not self.live and (step % self.every == 0 or step == self.total):
             self.console.print(
-                f"step {step}/{self.total}  loss {fields['loss']}  lr {fields['lr']}  {fields['tps']} real tok/s"
+                f"step {step}/{self.total}  loss {fields['loss']}  lr {fields['lr']}  {fields['real_tokens_per_s']} real tok/s"
             )
 
     def note(self, text: str) -> None:

@@ -2,37 +2,54 @@
 
 from __future__ import annotations
 
-import json
 import time
+from datetime import datetime
+from pathlib import Path
 
 from rich.console import Console
 
-from tunelab.config import RunConfig, load_config
+from tunelab.config import RunConfig, dump_config, load_config
 from tunelab.data.examples import label_summary, load_splits
 from tunelab.errors import TunelabError
-from tunelab.track.run_dir import RunDir
+from tunelab.runtime.run_dir import RunDir
 
 
 def resume_config(run_dir: str) -> RunConfig:
     """A resumed run keeps the config it started with: changing it midway would make the run directory
     describe a run that never happened."""
     run = RunDir(run_dir)
-    if not run.config_path.is_file():
+    if not run.is_run():
         raise TunelabError(f"--resume {run_dir}: not a run directory (no config.yaml)")
-    if (run.path / "metrics.json").is_file():
+    if run.is_complete():
         raise TunelabError(f"--resume {run_dir}: this run already completed")
     return load_config(run.config_path)
+
+
+def create_run_dir(cfg: RunConfig) -> RunDir:
+    """A new run directory for cfg: output.dir/output.name, or <model>-<method>-<timestamp>.
+
+    Under `accelerate launch` call it on the main process only and share the result
+    (runtime/distributed.py `on_main_then_share`): the default name holds a timestamp.
+    """
+    from tunelab.runtime.hardware import describe
+
+    name = cfg.output.name or f"{Path(cfg.model.name).name}-{cfg.method.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    data = {"train": cfg.data.train, "validation": cfg.data.validation, "test": cfg.data.test}
+    return RunDir.create(Path(cfg.output.dir) / name, dump_config(cfg), seed=cfg.train.seed, data_files=data,
+                         hardware=describe())
 
 
 def run_training(
     cfg: RunConfig, resume_dir: str | None = None, console: Console | None = None, on_eval=None
 ) -> tuple[RunDir, dict]:
-    """Train, save and evaluate one run. on_eval(step, metrics) sees each periodic validation (see FineTune).
+    """Train, save and evaluate one run; returns its directory and the metrics it recorded (metrics.json).
+    on_eval(step, metrics) sees each periodic validation (see FineTune).
 
     Under `accelerate launch` every process runs this; only the main one prints and writes the run directory
-    (see train/distributed.py).
+    (see runtime/distributed.py). The report is not written here (the training stage does not know about
+    reports): `tunelab train` and the experiment runner write it after.
     """
-    from tunelab.train.distributed import is_main_process
+    from tunelab.runtime.distributed import is_main_process
 
     console = console or Console(stderr=True)
     if not is_main_process():
@@ -50,8 +67,7 @@ def run_training(
     # Heavy imports (torch, transformers) only after the data passed: a bad line is reported in seconds.
     from tunelab.methods import get_method
     from tunelab.models.loading import check_attention, load_hf_config, quiet_transformers
-    from tunelab.train.distributed import on_main_then_share
-    from tunelab.train.hardware import describe
+    from tunelab.runtime.distributed import on_main_then_share
     from tunelab.train.loop import FineTune
 
     quiet_transformers()
@@ -59,7 +75,7 @@ def run_training(
     _, hf_config = load_hf_config(cfg.model)
     get_method(cfg.method.name).check(cfg.method, hf_config, cfg.task)
     check_attention(cfg.model.attention)
-    run = RunDir(resume_dir) if resume_dir else on_main_then_share(lambda: RunDir.create(cfg, describe()))
+    run = RunDir(resume_dir) if resume_dir else on_main_then_share(lambda: create_run_dir(cfg))
     console.print(f"run   {run.path}")
     try:
         recipe = FineTune(cfg, splits, run, console, on_eval=on_eval)
@@ -67,7 +83,7 @@ def run_training(
         baseline = _baseline(recipe, run, console)
         recipe.train()
         recipe.save()
-        metrics: dict = {"train": recipe.train_metrics(), "plan": recipe.plan}
+        metrics: dict = {"train": recipe.train_metrics().to_dict(), "plan": recipe.plan.to_dict()}
         if recipe.features.test:
             console.print("eval  test set ...")
             metrics["eval"] = recipe.evaluate(recipe.features.test)
@@ -86,24 +102,10 @@ def run_training(
         # The main process records its failure. Another records its own only if none is recorded yet: when it
         # fails first, the launcher kills the main process mid-step, which would leave the run "running"
         # forever; when the main one failed first, the others only see their connection to it close.
-        if is_main_process() or run.manifest().get("status") == "running":
+        if is_main_process() or run.status() == "running":
             run.fail(err)
         raise
-    if is_main_process():
-        _write_report(run, console)
     return run, metrics
-
-
-def _write_report(run: RunDir, console: Console) -> None:
-    """The per-run report. The run's results are already on disk, so a plotting failure costs only the
-    report: it is reported, and `tunelab report RUN_DIR` can retry."""
-    from tunelab.report import write_run_report
-
-    try:
-        _, html = write_run_report(run.path)
-        console.print(f"report {html}")
-    except Exception as err:  # noqa: BLE001
-        console.print(f"[yellow]report not written ({type(err).__name__}: {err}); retry with `tunelab report {run.path}`[/]")
 
 
 def _baseline(recipe, run: RunDir, console: Console) -> dict | None:
@@ -113,9 +115,9 @@ def _baseline(recipe, run: RunDir, console: Console) -> dict | None:
     Measured before step 1 (at step 0 a LoRA model equals its base). Saved to the run directory so a
     resumed run reports the same numbers.
     """
-    path = run.path / "eval_untuned.json"
-    if path.is_file():
-        return json.loads(path.read_text())
+    saved = run.untuned_eval()
+    if saved is not None:
+        return saved
     if (recipe.cfg.task == "classification" or not recipe.cfg.eval.untuned or not recipe.features.test
             or recipe.state["step"] > 0):
         return None
@@ -128,7 +130,7 @@ def _baseline(recipe, run: RunDir, console: Console) -> dict | None:
     # Every process evaluated (see FineTune.evaluate); none may see the file before all have checked for it.
     recipe.accelerator.wait_for_everyone()
     if recipe.accelerator.is_main_process:
-        path.write_text(json.dumps(metrics))
+        run.write_untuned_eval(metrics)
     return metrics
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import platform
 import resource
-from functools import lru_cache
 
 import torch
+
+from tunelab.errors import ConfigError
+from tunelab.runtime.cpuinfo import cpu_flags, cpu_model
 
 
 def usable_cores() -> int:
@@ -27,18 +29,6 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-@lru_cache
-def cpu_flags() -> frozenset[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
 def cpu_has_fast_bf16() -> bool:
     """AMX-BF16 or AVX512-BF16: bf16 matmuls run natively. Without them bf16 is emulated and slower than fp32."""
     return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
@@ -52,8 +42,6 @@ def resolve_precision(requested: str) -> str:
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "bf16" if cpu_has_fast_bf16() else "fp32"
     if requested == "fp16" and not cuda:
-        from tunelab.errors import ConfigError
-
         raise ConfigError("train.precision 'fp16' needs a CUDA GPU; on CPU use 'bf16' (AMX/AVX512-BF16) or 'fp32'")
     return requested
 
@@ -97,27 +85,36 @@ def configure_cpu_heap(mode: str) -> str:
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak GPU memory allocated by tensors on CUDA; the process's peak resident set size on CPU."""
+    """Peak GPU memory allocated by tensors on CUDA; on CPU the process's peak resident set size.
+
+    On Linux that is VmHWM, the high-water mark of this process's own memory since it started its program.
+    Not getrusage's ru_maxrss: Linux carries the parent's high-water mark into a child when it execs, so a
+    run started by a large process (a notebook, a test session, a sweep that trained before) would report the
+    parent's peak instead of its own (measured: 811 MiB reported by a 12 MiB child).
+    """
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+    try:
+        with open("/proc/self/status", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    maxrss = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return maxrss if platform.system() == "Darwin" else maxrss * 1024  # macOS reports bytes, the others KiB
 
 
 def describe() -> dict:
     info = {
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model() or platform.processor() or platform.machine(),
         "usable_cores": usable_cores(),
         "torch_threads": torch.get_num_threads(),
         "cpu_fast_bf16": cpu_has_fast_bf16(),
         "cuda": torch.cuda.is_available(),
     }
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpu_count"] = torch.cuda.device_count()

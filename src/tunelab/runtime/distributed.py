@@ -2,7 +2,7 @@
 
 Every process runs the same `run_training`. They train together (Accelerate wraps the model in DDP, FSDP or
 DeepSpeed), but only the main process (rank 0) prints and writes the run directory. The others write only a
-failure of their own that happened first (see run.py).
+failure of their own that happened first (see train/run.py).
 
 The rank comes from the launcher's environment (RANK), so the console can be silenced before torch is imported.
 """
@@ -37,7 +37,7 @@ def threads_per_process() -> int:
     Each of N processes taking every core oversubscribes the CPU N times over, and every matmul then waits on
     the others. On GPU machines this only sizes the CPU-side work.
     """
-    from tunelab.train.hardware import usable_cores
+    from tunelab.runtime.hardware import usable_cores
 
     if os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
         return usable_cores()

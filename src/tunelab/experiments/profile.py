@@ -24,7 +24,7 @@ from rich.table import Table
 
 from tunelab.config import RunConfig
 from tunelab.data.examples import load_splits
-from tunelab.track.run_dir import RunDir
+from tunelab.runtime.run_dir import RunDir
 
 PHASES = ("tunelab.forward", "tunelab.backward", "tunelab.optimizer")
 
@@ -58,13 +58,13 @@ def _rows(events, device: bool) -> list[dict]:
 
 def run_profile(cfg: RunConfig, steps: int = 5, warmup: int = 2, rows: int = 15,
                 console: Console | None = None) -> tuple[RunDir, dict]:
-    from tunelab.train.hardware import describe
     from tunelab.train.loop import FineTune
+    from tunelab.train.run import create_run_dir
 
     console = console or Console(stderr=True)
     cfg = _profile_config(cfg, steps, warmup)
     splits = load_splits(cfg.data, cfg.task, cfg.train.seed)
-    run = RunDir.create(cfg, describe())
+    run = create_run_dir(cfg)
     run.update_manifest(kind="profile")
     console.print(f"run   {run.path}")
     try:
@@ -77,11 +77,11 @@ def run_profile(cfg: RunConfig, steps: int = 5, warmup: int = 2, rows: int = 15,
         with torch.profiler.profile(activities=activities, schedule=schedule, record_shapes=False) as prof:
             recipe.on_step = lambda step: prof.step()
             recipe.train()
-        trace = run.path / "trace.json"
+        trace = run.profile_trace
         prof.export_chrome_trace(str(trace))
         averages = prof.key_averages()
         sort = "self_device_time_total" if on_gpu else "self_cpu_time_total"
-        (run.path / "ops.txt").write_text(averages.table(sort_by=sort, row_limit=100))
+        run.profile_ops.write_text(averages.table(sort_by=sort, row_limit=100))
         table = [r for r in _rows(averages, on_gpu) if r["op"] not in PHASES and not r["op"].startswith("ProfilerStep")]
         phases = {e.key.removeprefix("tunelab."): e.cpu_time_total / 1e3 / steps for e in averages if e.key in PHASES}
         records = [r for r in _read_log(run) if r["step"] > warmup]
@@ -104,7 +104,7 @@ def run_profile(cfg: RunConfig, steps: int = 5, warmup: int = 2, rows: int = 15,
 
 
 def _read_log(run: RunDir) -> list[dict]:
-    path = run.path / "metrics.jsonl"
+    path = run.metrics_log_path
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 

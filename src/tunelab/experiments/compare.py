@@ -25,16 +25,18 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.console import Console
 
-from tunelab.config import RunConfig, apply_overrides, dump_config, method_names, read_config_file, validate_config
+from tunelab.config import (
+    RunConfig, apply_overrides, dump_config, method_names, one_line_error, read_config_file, validate_config,
+)
 from tunelab.errors import ConfigError, TunelabError
+from tunelab.experiments.trials import TrialFailed, run_trial
+from tunelab.runtime.run_dir import RunDir
 
 
 class CompareSection(BaseModel):
@@ -64,9 +66,7 @@ def plan_comparison(path: str | Path, methods: list[str] | None, overrides: list
     try:
         section = CompareSection.model_validate(raw.pop("compare", None) or {})
     except ValidationError as err:
-        first = err.errors()[0]
-        key = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"{path}: config key 'compare.{key}': {first['msg']}") from None
+        raise ConfigError(f"{path}: {one_line_error(err, CompareSection, prefix='compare')}") from None
     raw = apply_overrides(raw, overrides)
     chosen = methods or section.methods
     known = method_names()
@@ -103,11 +103,8 @@ def plan_comparison(path: str | Path, methods: list[str] | None, overrides: list
 
 
 def run_comparison(path: str | Path, methods: list[str] | None, overrides: list[str], console: Console) -> tuple[Path, list[dict]]:
-    """Each technique trains in its own process (`python -m tunelab train`): peak memory is a process-lifetime
-    high-water mark (RSS on CPU), so runs sharing one process would each report the largest so far. A crash
-    (out of memory included) also stays inside its own technique's row."""
-    from tunelab.report import write_compare_report
-
+    """Each technique trains in its own process (experiments/trials.py), so each reports its own peak memory
+    and a crash (out of memory included) stays inside its own technique's row."""
     configs, compare_dir = plan_comparison(path, methods, overrides)
     if compare_dir.exists() and any(compare_dir.iterdir()):
         raise TunelabError(f"{compare_dir} already exists; set output.name to a new name or remove it")
@@ -115,46 +112,20 @@ def run_comparison(path: str | Path, methods: list[str] | None, overrides: list[
     entries = []
     for i, (label, cfg) in enumerate(configs.items(), 1):
         console.rule(f"[bold]{i}/{len(configs)}  {label}")
-        config_path = compare_dir / f"{label}.yaml"
-        config_path.write_text(dump_config(cfg), encoding="utf-8")
-        entry = {"method": label, "run_dir": str(compare_dir / label), "status": "completed", "error": None}
-        code, last_error = _train_in_subprocess(config_path)
-        if code != 0:
-            entry.update(status="failed", error=_failure(compare_dir / label, code, last_error))
-            if not (compare_dir / label / "config.yaml").is_file():
+        # The exact config of each technique, beside the comparison: `tunelab train <label>.yaml` reruns it alone.
+        (compare_dir / f"{label}.yaml").write_text(dump_config(cfg), encoding="utf-8")
+        run = RunDir(compare_dir / label)
+        entry = {"method": label, "run_dir": str(run.path), "status": "completed", "error": None}
+        try:
+            run_trial(cfg, console)
+        except (TunelabError, TrialFailed) as err:
+            entry.update(status="failed", error=str(err).splitlines()[0] if str(err) else type(err).__name__)
+            if not run.is_run():
                 entry["run_dir"] = None
             console.print(f"[red]{label} failed:[/] {entry['error']}")
         entries.append(entry)
         (compare_dir / "entries.json").write_text(json.dumps(entries, indent=2))
+    from tunelab.report import write_compare_report  # after the trials: matplotlib is no part of their process
+
     write_compare_report(compare_dir, entries)
     return compare_dir, entries
-
-
-def _train_in_subprocess(config_path: Path) -> tuple[int, str | None]:
-    """Run `tunelab train CONFIG`, passing its output through; return (exit code, its last `error:` line)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tunelab", "train", str(config_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-    )
-    last_error = None
-    try:
-        for line in proc.stdout:
-            sys.stderr.write(line)
-            if line.startswith("error:") or "Error:" in line:
-                last_error = line.strip()
-        return proc.wait(), last_error
-    except KeyboardInterrupt:
-        proc.terminate()
-        proc.wait()
-        raise
-
-
-def _failure(run_dir: Path, code: int, last_error: str | None) -> str:
-    manifest = run_dir / "manifest.json"
-    if manifest.is_file():
-        error = json.loads(manifest.read_text()).get("error")
-        if error:
-            return error.splitlines()[0]
-    if last_error:
-        return last_error.removeprefix("error:").strip()
-    return f"exited with status {code}" + (" (killed: out of memory?)" if code in (-9, 137) else "")

@@ -1,0 +1,1 @@
+"""Adapter merging, multi-task adapters and routing between them."""

@@ -1,0 +1,58 @@
+"""What the PEFT-backed techniques share: PEFT does the wrapping, saving (adapter weights only, as
+safetensors) and loading; each technique only says which PEFT config to build (lora.py, ia3.py, prompt.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tunelab.methods.base import Method
+from tunelab.methods.bitsandbytes_support import import_peft
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+def task_type(task: str):
+    import_peft()  # PEFT without bitsandbytes (see bitsandbytes_support)
+    from peft import TaskType
+
+    # Classification pools the backbone's hidden states in our own head, so PEFT sees a feature extractor.
+    return TaskType.FEATURE_EXTRACTION if task == "classification" else TaskType.CAUSAL_LM
+
+
+def is_checkpointing(backbone: nn.Module) -> bool:
+    flag = getattr(backbone, "is_activation_checkpointing", None)  # transformers >= 5
+    return bool(flag if flag is not None else getattr(backbone, "is_gradient_checkpointing", False))
+
+
+def peft_type_of(backbone: nn.Module) -> str | None:
+    """The PEFT technique a backbone carries ('LORA', 'PROMPT_TUNING', ...), None for a plain model."""
+    kind = getattr(getattr(backbone, "active_peft_config", None), "peft_type", None)
+    return getattr(kind, "value", kind)  # PeftType is a str enum; its value is the plain name
+
+
+class PeftMethod(Method):
+    """Shared apply/save/load: subclasses only say which PEFT config to build."""
+
+    def peft_config(self, backbone: nn.Module, cfg, task: str):
+        raise NotImplementedError
+
+    def apply(self, backbone: nn.Module, cfg, task: str) -> nn.Module:
+        import_peft()  # PEFT without bitsandbytes (see bitsandbytes_support)
+        from peft import get_peft_model
+
+        model = get_peft_model(backbone, self.peft_config(backbone, cfg, task))
+        if is_checkpointing(backbone):
+            model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+        return model
+
+    def save(self, backbone: nn.Module, out_dir: Path, state_dict: dict | None = None) -> None:
+        # PEFT picks the adapter's own tensors out of a whole-model state_dict when one is given.
+        backbone.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
+
+    def load(self, base_backbone: nn.Module, out_dir: Path) -> nn.Module:
+        import_peft()  # PEFT without bitsandbytes (see bitsandbytes_support)
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base_backbone, out_dir)

@@ -1,0 +1,1 @@
+"""Monitoring served models: reads the logs serve writes (never imports serve)."""

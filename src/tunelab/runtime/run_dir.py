@@ -1,0 +1,235 @@
+"""The run directory: everything needed to trust, reproduce and reuse a run. `RunDir` is the one owner of its
+layout: every stage that writes or reads a run (training, inference, reports, comparisons, sweeps, and later
+export, serving and the registry) asks it for a path instead of spelling one.
+
+  config.yaml        the resolved config (every default filled in)
+  manifest.json      versions, git commit, sha256 of each data file, seed, hardware, status
+  metrics.jsonl      one line per logging step and per periodic evaluation
+  metrics.json       final metrics; written last, so its presence means the run completed
+  labels.json        classification label names, in head order
+  eval_untuned.json  LM runs: the untuned model's test loss/perplexity, measured before step 1
+  model/backbone/    the trained artifact: the adapter (PEFT methods) or the whole backbone (full FT)
+  model/head.safetensors  classification head
+  model/tokenizer/   the tokenizer, saved with the model
+  checkpoints/       resumable states (see train/checkpoint.py, which owns the layout inside)
+  report.md, report.html, plots/   the run's report (see report/run_report.py)
+  trace.json, ops.txt              `tunelab profile` runs: the profiler's trace and op table
+
+`manifest.json` carries `status`: running, failed (with the error) or completed.
+
+This module sits at the floor (it imports nothing above runtime/), so the config arrives as text: the
+caller serialises it (config.dump_config).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from tunelab.errors import TunelabError
+from tunelab.runtime.atomic import atomic_write_json, atomic_write_text
+
+PACKAGES = ("tunelab", "torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors", "bitsandbytes")
+
+
+def sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _versions() -> dict[str, str | None]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _git_commit() -> str | None:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], capture_output=True, text=True, timeout=5)
+        return commit + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class ModelFiles:
+    """The saved model's layout under any root: a run's model/ folder, or the temporary folder it is
+    written in before being renamed into place."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @property
+    def backbone(self) -> Path:
+        return self.root / "backbone"
+
+    @property
+    def head(self) -> Path:
+        return self.root / "head.safetensors"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "tokenizer"
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls, path: str | Path, config_text: str, *, seed: int, data_files: dict[str, str | None],
+               hardware: dict) -> RunDir:
+        """Make a new run directory holding the resolved config and a `running` manifest.
+
+        data_files: split -> file, each recorded with its sha256. Under `accelerate launch` call this on the
+        main process only and share the path (runtime/distributed.py `on_main_then_share`).
+        """
+        run = cls(path)
+        if run.manifest_path.exists():
+            raise TunelabError(f"run directory {run.path} already exists; pick another output.name or use "
+                               f"--resume {run.path}")
+        run.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run.config_path, config_text)
+        data = {split: {"path": src, "sha256": sha256(src) if Path(src).is_file() else None}
+                for split, src in data_files.items() if src}
+        run.write_manifest({
+            "status": "running",
+            "started": _now(),
+            "command": sys.argv,
+            "seed": seed,
+            "git_commit": _git_commit(),
+            "packages": _versions(),
+            "data": data,
+            "hardware": hardware,
+        })
+        return run
+
+    # ----------------------------------------------------------------- paths
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / "manifest.json"
+
+    @property
+    def metrics_path(self) -> Path:
+        """metrics.json: final metrics, written last."""
+        return self.path / "metrics.json"
+
+    @property
+    def metrics_log_path(self) -> Path:
+        """metrics.jsonl: one line per logging step and per periodic evaluation."""
+        return self.path / "metrics.jsonl"
+
+    @property
+    def labels_path(self) -> Path:
+        return self.path / "labels.json"
+
+    @property
+    def untuned_eval_path(self) -> Path:
+        return self.path / "eval_untuned.json"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / "model"
+
+    @property
+    def model_files(self) -> ModelFiles:
+        return ModelFiles(self.model_dir)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def report_md(self) -> Path:
+        return self.path / "report.md"
+
+    @property
+    def report_html(self) -> Path:
+        return self.path / "report.html"
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.path / "plots"
+
+    @property
+    def profile_trace(self) -> Path:
+        return self.path / "trace.json"
+
+    @property
+    def profile_ops(self) -> Path:
+        return self.path / "ops.txt"
+
+    # ----------------------------------------------------------------- state
+
+    def is_run(self) -> bool:
+        """A run directory holds its config from the moment it is created."""
+        return self.config_path.is_file()
+
+    def is_complete(self) -> bool:
+        return self.metrics_path.is_file()
+
+    def has_model(self) -> bool:
+        return self.model_files.backbone.is_dir()
+
+    def status(self) -> str:
+        """running, failed or completed; unknown without a manifest."""
+        return self.manifest().get("status", "unknown") if self.manifest_path.is_file() else "unknown"
+
+    # ----------------------------------------------------------------- manifest and metrics
+
+    def manifest(self) -> dict:
+        return json.loads(self.manifest_path.read_text())
+
+    def write_manifest(self, manifest: dict) -> None:
+        atomic_write_json(self.manifest_path, manifest)
+
+    def update_manifest(self, **fields) -> None:
+        self.write_manifest({**self.manifest(), **fields})
+
+    def log(self, record: dict) -> None:
+        with open(self.metrics_log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+
+    def finish(self, metrics: dict) -> None:
+        atomic_write_json(self.metrics_path, metrics)
+        self.update_manifest(status="completed", finished=_now())
+
+    def fail(self, error: BaseException) -> None:
+        self.update_manifest(status="failed", error=f"{type(error).__name__}: {error}")
+
+    def labels(self) -> list[str]:
+        return json.loads(self.labels_path.read_text()) if self.labels_path.is_file() else []
+
+    def write_labels(self, labels: list[str]) -> None:
+        atomic_write_json(self.labels_path, labels)
+
+    def untuned_eval(self) -> dict | None:
+        path = self.untuned_eval_path
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def write_untuned_eval(self, metrics: dict) -> None:
+        atomic_write_json(self.untuned_eval_path, metrics)
