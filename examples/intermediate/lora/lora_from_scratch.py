@@ -31,7 +31,9 @@ def peft_twin(layer: LoRALinear) -> nn.Module:
     """PEFT's LoRA around a copy of the same frozen weight, given this layer's A and B."""
     import copy
 
-    import tunelab.methods  # noqa: F401  (imports PEFT without pulling in bitsandbytes and its notices)
+    from tunelab.methods.bitsandbytes_support import import_peft
+
+    import_peft()  # PEFT without pulling in bitsandbytes and its notices
     from peft import LoraConfig, get_peft_model
 
     rank = layer.A.shape[0]
