@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -55,9 +56,15 @@ def test_train_predict_eval_roundtrip(tmp_path, tiny_encoder, sentiment_files):
         output={"dir": "runs", "name": "smoke"},
     )
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
-    res = tunelab("train", "cfg.yaml", "method.name=lora", cwd=tmp_path)
+    res = tunelab("train", "cfg.yaml", "method.name=lora", "data.validation_split=0.25", "train.eval_every=1",
+                  cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "eval.accuracy" in res.stdout and "run directory: runs/smoke" in res.stdout
+    # What a learner reads: memory in GiB, named as the whole process's resident memory; times in s or min;
+    # the validation loss on the console while training.
+    assert re.search(r"train\.peak_memory_bytes\W+[\d.]+ (GiB|MiB) \(process RSS\)", res.stdout), res.stdout
+    assert re.search(r"train\.wall_s\W+[\d.]+ s\b", res.stdout) and "estimated peak memory" in res.stderr
+    assert "step 1 validation loss " in res.stderr
 
     res = tunelab("predict", "runs/smoke", "a wonderful, moving film", cwd=tmp_path)
     assert res.returncode == 0, res.stderr

@@ -1,6 +1,7 @@
 """`tunelab compare`: same data and budget for every technique, failures reported, one report."""
 
 import json
+import re
 
 import pytest
 import yaml
@@ -64,8 +65,10 @@ def test_bad_comparison_config_stops_before_training(compare_config, compare, ma
         plan_comparison(compare_config(compare=compare), None, [])
 
 
-def test_failed_technique_is_reported_and_the_others_still_run(compare_config, tmp_path):
+def test_failed_technique_is_reported_and_the_others_still_run(compare_config, tmp_path, capsys):
     from rich.console import Console
+
+    from tunelab.cli.experiments import print_comparison
 
     # An adapter composed with a run that does not exist cannot start: its row must say why.
     path = compare_config(compare={
@@ -87,3 +90,11 @@ def test_failed_technique_is_reported_and_the_others_still_run(compare_config, t
         assert metrics["train"]["steps"] == 2
         # Each technique ran in its own process, so each peak is its own, not the largest so far.
         assert metrics["train"]["peak_memory_bytes"] > 0
+
+    # `tunelab compare` prints the results table itself, not only where the report is.
+    capsys.readouterr()
+    print_comparison(compare_dir)
+    printed = capsys.readouterr().out
+    for text in ("accuracy", "peak memory (measured)", "broken", "failed", "Best on quality", "Did not complete"):
+        assert text in printed, text
+    assert re.search(r"\d MiB|\d GiB", printed), "memory in binary units, not raw bytes"

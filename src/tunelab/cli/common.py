@@ -34,17 +34,34 @@ def format_value(value) -> str:
     return f"{value:.4f}" if 1e-3 <= abs(value) < 1e5 else f"{value:.4g}"
 
 
+def metric_text(key: str, value, device: str | None = None) -> str:
+    """A metric as a learner reads it: memory in GiB (on a CPU, the whole process's resident memory, so it is
+    named), times in seconds or minutes, other numbers as they are."""
+    from tunelab.report.units import human_bytes, human_duration
+
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if key.endswith("_bytes"):
+            what = {"cpu": " (process RSS)", "cuda": " (allocated tensors)"}.get(device or "", "")
+            return human_bytes(value) + (" (estimate)" if key.startswith("estimated") else what)
+        if key.endswith("wall_s"):
+            return human_duration(value)
+    return format_value(value)
+
+
 def print_metrics(metrics: dict, labels: list[str]) -> None:
     from tunelab.evaluate.metrics import format_confusion
 
+    device = (metrics.get("plan") or {}).get("device")
     table = Table(title="results", show_header=True)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for section in ("eval", "eval_untuned", "train"):
+    for section in ("eval", "validation", "eval_untuned", "train"):
         for key, value in metrics.get(section, {}).items():
             if isinstance(value, (dict, list)) or value is None:
                 continue
-            table.add_row(f"{section}.{key}", format_value(value))
+            table.add_row(f"{section}.{key}", metric_text(key, value, device))
+    if metrics.get("total_wall_s") is not None:
+        table.add_row("total_wall_s", metric_text("total_wall_s", metrics["total_wall_s"]))
     out.print(table)
     cm = metrics.get("eval", {}).get("confusion_matrix")
     if cm and labels:

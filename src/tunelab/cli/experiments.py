@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -24,15 +25,30 @@ def compare(
     chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     quiet_libraries()
     compare_dir, entries = run_comparison(config, chosen, overrides or [], err)
-    table = Table(title="comparison", show_header=True)
-    for col in ("method", "status", "detail"):
-        table.add_column(col)
-    for e in entries:
-        table.add_row(e["method"], e["status"], escape(e["error"] or e["run_dir"] or ""))
-    out.print(table)
-    out.print(f"report: {compare_dir / 'comparison.html'} (also comparison.md, .csv, .json)")
+    print_comparison(compare_dir)
+    out.print(f"report: {compare_dir / 'comparison.html'} (also comparison.md, .csv, .json; plots in plots/)")
     if any(e["status"] != "completed" for e in entries):
         raise typer.Exit(1)
+
+
+def print_comparison(compare_dir: Path) -> None:
+    """The comparison's results table and reading notes, as the report has them (comparison.json)."""
+    import json
+
+    from tunelab.report.compare_report import results_table
+
+    summary = json.loads((compare_dir / "comparison.json").read_text(encoding="utf-8"))
+    headers, rows = results_table(summary["rows"], summary["task"])
+    table = Table(title=f"comparison: {compare_dir.name}", show_header=True)
+    for h in headers:
+        table.add_column(h, justify="left" if h in ("method", "status", "error") else "right")
+    for cells in rows:
+        table.add_row(*(escape(c) for c in cells))
+    # A terminal gets its own width; a log file or pipe gets every column instead of rich's default 80.
+    console = out if out.is_terminal else Console(file=out.file, width=200)
+    console.print(table)
+    for note in summary["reading"]:
+        console.print(f"- {escape(note)}", highlight=False)
 
 
 @app.command()

@@ -12,6 +12,7 @@ and loading a config must not wait for torch (a bad key is reported in a fractio
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -132,13 +133,20 @@ class Method:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total). Tied weights are counted once."""
+    """(trainable, total) logical parameters: what the model computes with, not how it is stored.
+
+    Tied weights are counted once. A 4-bit weight (QLoRA) counts its logical shape: bitsandbytes stores two
+    weights per byte, and counting that storage made QLoRA's trainable share read 2.91% against LoRA's
+    1.78% for the same adapters on SmolLM2.
+    """
     seen, trainable, total = set(), 0, 0
     for p in model.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        n = getattr(p, "ds_numel", p.numel())  # DeepSpeed ZeRO-3 leaves an empty placeholder in p
+        quant_state = getattr(p, "quant_state", None)  # bitsandbytes Params4bit: the shape before packing
+        n = math.prod(quant_state.shape) if quant_state is not None else p.numel()
+        n = getattr(p, "ds_numel", n)  # DeepSpeed ZeRO-3 leaves an empty placeholder in p
         total += n
         if p.requires_grad:
             trainable += n

@@ -13,6 +13,7 @@ from pydantic import Field
 
 from tunelab.methods.base import ActivationCost, MethodSettings
 from tunelab.methods.peft_base import PeftMethod, task_type
+from tunelab.methods.bitsandbytes_support import import_peft
 
 if TYPE_CHECKING:
     from torch import nn
@@ -35,6 +36,7 @@ class Ia3(PeftMethod):
     default_lr = 3e-3
 
     def peft_config(self, backbone: nn.Module, cfg, task: str):
+        import_peft()  # PEFT without bitsandbytes (see bitsandbytes_support)
         from peft import IA3Config
 
         return IA3Config(

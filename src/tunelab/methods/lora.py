@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
@@ -15,6 +16,7 @@ from pydantic import Field
 from tunelab.errors import ConfigError
 from tunelab.methods.base import ActivationCost, MethodSettings
 from tunelab.methods.peft_base import PeftMethod, is_checkpointing, task_type
+from tunelab.methods.bitsandbytes_support import import_bitsandbytes, import_peft, keep_4bit_layers_trainable
 
 if TYPE_CHECKING:
     from torch import nn
@@ -65,6 +67,7 @@ class Lora(PeftMethod):
     default_lr = 5e-4
 
     def peft_config(self, backbone: nn.Module, cfg, task: str):
+        import_peft()  # PEFT without bitsandbytes (see bitsandbytes_support)
         from peft import LoraConfig
 
         return LoraConfig(
@@ -107,7 +110,7 @@ class Qlora(Lora):
 
     def check(self, cfg, hf_config, task: str) -> None:
         try:
-            import bitsandbytes  # noqa: F401
+            import_bitsandbytes()
         except ImportError:
             raise ConfigError("method 'qlora' needs bitsandbytes (pip install bitsandbytes>=0.45)") from None
 
@@ -127,12 +130,20 @@ class Qlora(Lora):
         return {"quantization_config": quant, "device_map": {"": PartialState().device}}
 
     def apply(self, backbone: nn.Module, cfg, task: str) -> nn.Module:
+        import_peft()  # PEFT without bitsandbytes (see bitsandbytes_support)
         from peft import prepare_model_for_kbit_training
 
         # Casts the remaining (norm, embedding) weights to fp32 and makes the input require grad; checkpointing
         # stays whatever model.gradient_checkpointing chose (PEFT would turn it on by default, slowing every step).
         backbone = prepare_model_for_kbit_training(backbone, use_gradient_checkpointing=is_checkpointing(backbone))
-        return super().apply(backbone, cfg, task)
+        model = super().apply(backbone, cfg, task)
+        keep_4bit_layers_trainable(model)  # else an evaluation breaks the gradients of later steps on some CPUs
+        return model
+
+    def load(self, base_backbone: nn.Module, out_dir: Path) -> nn.Module:
+        model = super().load(base_backbone, out_dir)
+        keep_4bit_layers_trainable(model)  # eval, predict and generate then compute what training computed
+        return model
 
     def for_meta_count(self, cfg):
         # Nothing to quantize on the meta device: plain LoRA adds the same adapters, so the same count; the

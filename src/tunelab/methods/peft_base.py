@@ -7,12 +7,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tunelab.methods.base import Method
+from tunelab.methods.bitsandbytes_support import import_peft
 
 if TYPE_CHECKING:
     from torch import nn
 
 
 def task_type(task: str):
+    import_peft()  # PEFT without bitsandbytes (see bitsandbytes_support)
     from peft import TaskType
 
     # Classification pools the backbone's hidden states in our own head, so PEFT sees a feature extractor.
@@ -37,6 +39,7 @@ class PeftMethod(Method):
         raise NotImplementedError
 
     def apply(self, backbone: nn.Module, cfg, task: str) -> nn.Module:
+        import_peft()  # PEFT without bitsandbytes (see bitsandbytes_support)
         from peft import get_peft_model
 
         model = get_peft_model(backbone, self.peft_config(backbone, cfg, task))
@@ -49,6 +52,7 @@ class PeftMethod(Method):
         backbone.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
 
     def load(self, base_backbone: nn.Module, out_dir: Path) -> nn.Module:
+        import_peft()  # PEFT without bitsandbytes (see bitsandbytes_support)
         from peft import PeftModel
 
         return PeftModel.from_pretrained(base_backbone, out_dir)

@@ -14,6 +14,7 @@ from pydantic import Field, model_validator
 from tunelab.errors import ConfigError
 from tunelab.methods.base import MethodSettings
 from tunelab.methods.peft_base import PeftMethod, peft_type_of, task_type
+from tunelab.methods.bitsandbytes_support import import_peft
 
 if TYPE_CHECKING:
     from torch import nn
@@ -69,6 +70,7 @@ class PromptTuning(PromptLearning):
     default_lr = 3e-2
 
     def peft_config(self, backbone: nn.Module, cfg, task: str):
+        import_peft()  # PEFT without bitsandbytes (see bitsandbytes_support)
         from peft import PromptTuningConfig, PromptTuningInit
 
         text = cfg.init == "text"
@@ -114,6 +116,7 @@ class PrefixTuning(PromptLearning):
             raise ConfigError(f"method 'prefix' does not support model type '{hf_config.model_type}' (sliding-window cache)")
 
     def peft_config(self, backbone: nn.Module, cfg, task: str):
+        import_peft()  # PEFT without bitsandbytes (see bitsandbytes_support)
         from peft import PrefixTuningConfig
 
         return PrefixTuningConfig(

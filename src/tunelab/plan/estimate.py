@@ -8,6 +8,7 @@ from tunelab.plan.shapes import Batch, data_shapes, shapes_from_max_length
 from tunelab.results import FlopsPerToken, MemorySplit, ParameterSummary, Plan, ShapeSummary
 
 GB = 1e9
+GIB = 1024**3  # the table prints binary units, as every report and run summary does
 
 # Process RSS before any model tensor on CPU: the training stack's imports (torch, transformers, PEFT,
 # accelerate, tunelab's loop) measured 0.54 GB (Linux, torch 2.13 CPU); the tokenizer and data add a little.
@@ -353,8 +354,9 @@ def estimate(cfg: RunConfig, *, device=None, precision: str | None = None, token
 
 
 def format_plan(plan: Plan) -> str:
-    """A plain-text table of the estimate for the terminal."""
+    """A plain-text table of the estimate for the terminal, in GiB."""
     params = plan.params
+    what = "process RSS" if plan.device == "cpu" else "allocated tensors"
     lines = [
         f"plan  {plan.model} ({plan.task}), method {plan.method}, {plan.device}, {plan.precision}",
         f"      {params.trainable:,} of {params.total:,} parameters trainable "
@@ -363,10 +365,10 @@ def format_plan(plan: Plan) -> str:
         f"  {'memory':<26}{'train step':>12}{'eval pass':>12}",
     ]
     for label, train_bytes, eval_bytes in plan.memory_rows():
-        eval_value = f"{eval_bytes / GB:>9.2f} GB" if eval_bytes is not None else ""
-        lines.append(f"  {label:<26}{train_bytes / GB:>9.2f} GB{eval_value}")
+        eval_value = f"{eval_bytes / GIB:>8.2f} GiB" if eval_bytes is not None else ""
+        lines.append(f"  {label:<26}{train_bytes / GIB:>8.2f} GiB{eval_value}")
     lines.append("")
-    lines.append(f"  estimated peak ({plan.peak_phase}): {plan.peak_memory_bytes / GB:.2f} GB")
+    lines.append(f"  estimated peak ({plan.peak_phase}, {what}): {plan.peak_memory_bytes / GIB:.2f} GiB")
     lines.append(f"  FLOPs per token: train {plan.flops_per_token.train:.3g}, eval {plan.flops_per_token.eval:.3g}")
     lines.append("")
     lines += [f"  - {note}" for note in plan.notes]

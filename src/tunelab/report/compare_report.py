@@ -206,9 +206,15 @@ def _cheapest(done: list[dict]) -> list[str]:
 
 
 def _versus_full(done: list[dict], key: str) -> list[str]:
-    full = next((r for r in done if r["technique"] == "full" or r["method"].lower() == "full"), None)
-    if full is None:
+    """Each other technique against full fine-tuning: only when one row is full fine-tuning. When every row is
+    (variants of one setting, e.g. learning rates), there is no "full fine-tuning" to compare against."""
+    if all(r["technique"] == "full" for r in done):
         return []
+    named = [r for r in done if r["method"].lower() == "full"]
+    fulls = named or [r for r in done if r["technique"] == "full"]
+    if len(fulls) != 1:
+        return []
+    full = fulls[0]
     notes = []
     for r in done:
         if r is full:
@@ -305,7 +311,7 @@ def _document(rows: list[dict], task: str | None, notes: list[str], pngs: dict[s
     done = sum(r["status"] == "completed" for r in rows)
     doc.paragraph(f"task {task or MISSING} · {len(rows)} methods · {done} completed")
     doc.heading("Results")
-    headers, table = _table(rows, task)
+    headers, table = results_table(rows, task)
     doc.table(headers, table, numeric={i for i, h in enumerate(headers) if h not in ("method", "status", "error")})
     doc.heading("Reading this table")
     doc.bullets(notes)
@@ -325,7 +331,8 @@ def _document(rows: list[dict], task: str | None, notes: list[str], pngs: dict[s
     return doc
 
 
-def _table(rows: list[dict], task: str | None) -> tuple[list[str], list[list[str]]]:
+def results_table(rows: list[dict], task: str | None) -> tuple[list[str], list[list[str]]]:
+    """The comparison as (headers, rows of cells): the report's table, and what `tunelab compare` prints."""
     lm = task in LM_TASKS
     headers = ["method", "status"]
     headers += ["test perplexity", "untuned perplexity"] if lm else ["accuracy", "macro F1"]

@@ -159,7 +159,8 @@ class FineTune:
             f"model {cfg.model.name} ({cfg.task}), method {cfg.method.name}: "
             f"{self.trainable_params:,} of {self.total_params:,} parameters trainable "
             f"({100 * self.trainable_params / self.total_params:.2f}%), precision {self.precision}, lr {self.lr:g}, "
-            f"{self.total_steps} steps, estimated peak memory {self.plan.peak_memory_bytes / 1e9:.2f} GB"
+            f"{self.total_steps} steps, estimated peak memory {self.plan.peak_memory_bytes / 1024**3:.2f} GiB "
+            f"({'process RSS' if self.device.type == 'cpu' else 'allocated tensors'})"
         )
 
     def _configure_deepspeed(self) -> None:
@@ -431,8 +432,9 @@ def _flat(metrics: dict) -> dict:
 
 
 def _headline(metrics: dict) -> str:
+    """One validation line: the loss first (it moves before accuracy does, and shows overfitting first)."""
     if "accuracy" in metrics:
-        return f"accuracy {metrics['accuracy']:.4f}  f1_macro {metrics['f1_macro']:.4f}"
+        return f"loss {metrics['loss']:.4f}  accuracy {metrics['accuracy']:.4f}  f1_macro {metrics['f1_macro']:.4f}"
     return f"loss {metrics['loss']:.4f}  perplexity {metrics['perplexity']:.2f}"
 
 

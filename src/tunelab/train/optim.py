@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import get_scheduler
+
+from tunelab.methods.bitsandbytes_support import import_peft
+
+# transformers' scheduler module imports PEFT when it is installed, and PEFT alone would import bitsandbytes.
+import_peft()
+from transformers import get_scheduler  # noqa: E402
 
 SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 
@@ -24,9 +29,9 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, name: str 
     groups = [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
               if g["params"]]
     if name == "adamw_8bit":
-        import bitsandbytes as bnb
+        from tunelab.methods.bitsandbytes_support import import_bitsandbytes
 
-        return bnb.optim.AdamW8bit(groups, lr=lr)
+        return import_bitsandbytes().optim.AdamW8bit(groups, lr=lr)
     fused = True if device is not None and device.type == "cuda" else None
     return torch.optim.AdamW(groups, lr=lr, fused=fused)
 

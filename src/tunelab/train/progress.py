@@ -3,6 +3,12 @@
 Real tokens are the non-pad ones: tokens/s counted over padded tensors flatters a run that wastes half
 its compute on padding. When stderr is not a terminal (CI, a log file), it prints a plain line every few
 percent instead of redrawing a bar.
+
+What the numbers are (docs/02-full-fine-tuning.md#reading-the-console says the same for learners):
+  loss       the mean training loss over the optimizer steps since the last logged step (train.log_every),
+             a running mean that restarts at every logged step: the value metrics.jsonl records there
+  lr         the learning rate the schedule set for the next step
+  tok/s      real tokens per second over the same steps
 """
 
 from __future__ import annotations
