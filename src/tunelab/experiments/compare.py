@@ -179,8 +179,10 @@ def run_comparison(path: str | Path, methods: list[str] | None, overrides: list[
 
 
 def _is_comparison(folder: Path) -> bool:
-    """A folder an earlier `tunelab compare` wrote: entries.json, or a technique's <label>.yaml beside its run."""
-    return (folder / "entries.json").is_file() or any((folder / p.stem).is_dir() for p in folder.glob("*.yaml"))
+    """A folder a `tunelab compare` wrote (entries.json, or a technique's <label>.yaml beside its run) or holds
+    the lock of (one that has only just started)."""
+    return ((folder / "entries.json").is_file() or (folder / ".lock").exists()
+            or any((folder / p.stem).is_dir() for p in folder.glob("*.yaml")))
 
 
 def _data_files(cfg: RunConfig) -> dict[str, str | None]:
