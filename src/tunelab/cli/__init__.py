@@ -70,6 +70,10 @@ def main() -> None:
     except typer.Abort:  # click's wrapper of Ctrl-C (and of EOF at a prompt)
         code = INTERRUPTED
     except _click_errors() as e:  # usage errors: no such command or option, a bad value
+        if getattr(e, "ctx", None) is None:  # raised before a command was known: say where help is
+            command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+            err.print(f"Usage: tunelab {command or 'COMMAND'} [OPTIONS] [ARGS]...\n"
+                      f"Try 'tunelab {command + ' ' if command else ''}--help' for help.\n", highlight=False)
         e.show()
         code = e.exit_code
     if code == INTERRUPTED:
