@@ -28,6 +28,8 @@ def train(
     config: Optional[Path] = typer.Argument(None, help="Run config YAML (not needed with --resume)."),
     overrides: Optional[list[str]] = typer.Argument(None, help="Dotted overrides, e.g. train.lr=1e-4"),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run directory from its latest checkpoint."),
+    allow_changed_data: bool = typer.Option(False, "--allow-changed-data",
+                                            help="With --resume: go on although a data file changed since the run started."),
 ):
     """Train a model from a config; prints test metrics and the run directory."""
     from tunelab.config import load_config
@@ -37,8 +39,10 @@ def train(
         raise TunelabError("give a config file, or --resume RUN_DIR")
     if resume is not None and (config is not None or overrides):
         raise TunelabError("a resumed run keeps its own config.yaml: give --resume RUN_DIR alone")
+    if allow_changed_data and resume is None:
+        raise TunelabError("--allow-changed-data goes with --resume RUN_DIR")
     cfg = resume_config(str(resume)) if resume else load_config(config, overrides or [])
-    run, metrics = run_training(cfg, str(resume) if resume else None, err)
+    run, metrics = run_training(cfg, str(resume) if resume else None, err, allow_changed_data=allow_changed_data)
     from tunelab.runtime.distributed import is_main_process
 
     if is_main_process():  # under accelerate launch, one report and one table, not one per process
