@@ -22,7 +22,10 @@ TEXTS = ["a gripping , funny and moving film", "what is the capital of peru ?", 
 
 
 def task_files(folder, name: str, source: str, n: int = 48):
-    rows = [json.loads(line) for line in (DATA / source / "train.jsonl").read_text().splitlines()[:n + 16]]
+    """n training and 16 test rows of a bundled set. SST-2's train file is mostly phrases ("gates", "amused"),
+    its test file whole sentences: "sst2-test" draws both from the latter."""
+    source, _, split = source.partition("-")
+    rows = [json.loads(line) for line in (DATA / source / f"{split or 'train'}.jsonl").read_text().splitlines()[:n + 16]]
     return write_jsonl(folder / f"{name}-train.jsonl", rows[:n]), write_jsonl(folder / f"{name}-test.jsonl", rows[n:])
 
 
