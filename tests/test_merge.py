@@ -105,7 +105,7 @@ def test_merge_evaluates_base_source_and_merged_on_every_task_and_reports(runs, 
         assert {"base", "source", "merged"} <= set(row) and row["merged"]["num_examples"] == 16
         assert row["delta"] == pytest.approx(row["merged"]["accuracy"] - row["source"]["accuracy"])
         task_metrics = json.loads(RunDir(folder.task_dir(name)).metrics_path.read_text())
-        assert task_metrics["test"]["accuracy"] == row["merged"]["accuracy"]
+        assert task_metrics["eval"]["accuracy"] == row["merged"]["accuracy"]
     report = write_merge_report(folder.path).read_text()
     assert "| sentiment | accuracy |" in report and (folder.plots_dir / "merge.png").stat().st_size > 1000
 

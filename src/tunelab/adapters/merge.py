@@ -143,7 +143,7 @@ def merge_runs(run_dirs: list[Path], method: str, weights: list[float] | None, d
         table = evaluate_merge(sources, {n: r.path for n, r in tasks.items()}, say) if evaluate else {}
         for s in sources:
             row = table.get(s.name, {})
-            tasks[s.name].finish({"test": row.get("merged"), "merge": recipe})
+            tasks[s.name].finish({"eval": row.get("merged"), "merge": recipe})
         atomic_write_json(folder.recipe_path, recipe)
         atomic_write_json(folder.metrics_path, {"recipe": recipe, "tasks": table, "summary": summary(table)})
     return RunDir(output)

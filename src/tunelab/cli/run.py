@@ -43,13 +43,16 @@ def train(
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run directory from its latest checkpoint."),
 ):
     """Train a model from a config; prints test metrics and the run directory."""
-    from tunelab.config import load_config
+    from tunelab.config import is_multitask, load_config, read_config_file
     from tunelab.train.run import resume_config, run_training
 
     if resume is None and config is None:
         raise TunelabError("give a config file, or --resume RUN_DIR")
     if resume is not None and (config is not None or overrides):
         raise TunelabError("a resumed run keeps its own config.yaml: give --resume RUN_DIR alone")
+    if config is not None and is_multitask(read_config_file(config)):
+        _train_multitask(config, overrides or [])
+        return
     cfg = resume_config(str(resume)) if resume else load_config(config, overrides or [])
     run, metrics = run_training(cfg, str(resume) if resume else None, err)
     from tunelab.runtime.distributed import is_main_process
@@ -63,6 +66,19 @@ def train(
         log_report(run.path, err)
         print_metrics(metrics, run.labels())
         out.print(f"run directory: {run.path}")
+
+
+def _train_multitask(config: Path, overrides: list[str]) -> None:
+    """A `tasks:` config: one shared adapter, a head per task (train/multitask.py)."""
+    from tunelab.config import load_multitask_config
+    from tunelab.report.adapters_report import write_multitask_report
+    from tunelab.train.multitask import train_multitask
+
+    quiet_libraries()
+    folder = train_multitask(load_multitask_config(config, overrides), err)
+    out.print(write_multitask_report(folder.path).read_text().split("\n![")[0])
+    for name in folder.task_names():
+        out.print(f"task {name}: {folder.task_dir(name)}")
 
 
 @app.command("eval")

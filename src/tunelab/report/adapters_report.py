@@ -85,3 +85,33 @@ def write_route_report(folder: str | Path) -> Path:
     lines += ["", f"![routing and end-to-end accuracy]({png.relative_to(run.path).as_posix()})"]
     atomic_write_text(run.report_md, "\n".join(lines) + "\n")
     return run.report_md
+
+
+def write_multitask_report(folder: str | Path) -> Path:
+    run = RunDir(folder)
+    data = json.loads(run.metrics_path.read_text())
+    recipe, train, table = data["recipe"], data["train"], data["tasks"]
+    sampling = recipe["sampling"]
+    how = sampling["strategy"] + (f" (T={sampling['temperature']})" if sampling["strategy"] == "temperature" else "")
+    lines = [
+        f"# Multi-task run: {len(table)} tasks, one shared adapter, one head per task", "",
+        f"{train['steps']} steps in all ({train['wall_s']:.0f} s, {train['precision']}), tasks sampled {how}; "
+        f"loss weights {recipe['loss_weights']}.", "",
+        "| task | training rows | sampling p | steps | multi-task accuracy | single-task accuracy | single-task steps "
+        "| multi - single |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in table.items():
+        single = row.get("single_task_accuracy")
+        gain = f"{row['accuracy'] - single:+.4f}" if single is not None else "–"
+        lines.append(f"| {name} | {recipe['train_rows'][name]} | {recipe['probabilities'][name]:.2f} | {row['steps']} | "
+                     f"{_fmt(row['accuracy'])} | {_fmt(single)} | {row.get('single_task_steps', '–')} | {gain} |")
+    names = list(table)
+    series = {"multi-task": [table[n]["accuracy"] for n in names]}
+    if all("single_task_accuracy" in table[n] for n in names):
+        series = {"single-task": [table[n]["single_task_accuracy"] for n in names], **series}
+    png = plots.grouped_bars(run.plots_dir / "multitask.png", names, series, ylabel="test accuracy",
+                             title="One shared adapter vs one adapter per task", digits=3, xlabel="task")
+    lines += ["", f"![accuracy per task]({png.relative_to(run.path).as_posix()})"]
+    atomic_write_text(run.report_md, "\n".join(lines) + "\n")
+    return run.report_md
