@@ -12,6 +12,7 @@ from conftest import make_config
 from test_merge import lora_run, task_files
 
 from tunelab.config import ConfigError, MultiTaskConfig, load_multitask_config
+from tunelab.errors import TunelabError
 from tunelab.runtime.run_dir import RunDir
 from tunelab.train.multitask import task_probabilities, task_schedule, train_multitask
 
@@ -53,7 +54,12 @@ def test_two_tasks_share_one_adapter_and_reload_to_their_recorded_accuracy(tmp_p
     from tunelab.inference.trained import TrainedModel
     from tunelab.report.adapters_report import write_multitask_report
 
-    baseline = lora_run(tmp_path, "reviews-alone", tiny_encoder, "sst2-test")
+    (tmp_path / "alone").mkdir()
+    baseline = lora_run(tmp_path / "alone", "reviews", tiny_encoder, "sst2-test")  # same rows, another folder
+    other = lora_run(tmp_path / "alone", "questions", tiny_encoder, "trec")
+    with pytest.raises(TunelabError, match="contents differ"):  # a baseline tested on other data is refused
+        train_multitask(MultiTaskConfig.model_validate(multitask_raw(tmp_path, tiny_encoder,
+                                                                     baselines={"reviews": str(other)})))
     raw = multitask_raw(tmp_path, tiny_encoder, baselines={"reviews": str(baseline)})
     folder = train_multitask(MultiTaskConfig.model_validate(raw))
     metrics = json.loads(folder.metrics_path.read_text())

@@ -24,7 +24,7 @@ from pathlib import Path
 from tunelab.config import MultiTaskConfig, RunConfig, dump_config
 from tunelab.errors import TunelabError
 from tunelab.runtime.atomic import atomic_dir, atomic_write_json
-from tunelab.runtime.run_dir import RunDir
+from tunelab.runtime.run_dir import RunDir, sha256
 
 
 def task_probabilities(sizes: dict[str, int], strategy: str, temperature: float) -> dict[str, float]:
@@ -86,6 +86,7 @@ def train_multitask(mcfg: MultiTaskConfig, console=None) -> RunDir:
     task_cfgs: dict[str, RunConfig] = {t.name: mcfg.task_config(t) for t in mcfg.tasks}
     weights = {t.name: t.loss_weight for t in mcfg.tasks}
     splits = {name: load_splits(cfg.data, "classification", seed) for name, cfg in task_cfgs.items()}
+    baselines = {name: _baseline(path, task_cfgs[name]) for name, path in mcfg.baselines.items()}  # before training
 
     torch.manual_seed(seed)
     method = get_method(mcfg.method.name)
@@ -146,9 +147,7 @@ def train_multitask(mcfg: MultiTaskConfig, console=None) -> RunDir:
                                               precision, torch.device("cpu")) if test else {}
             row = {"accuracy": metrics.get("accuracy"), "f1_macro": metrics.get("f1_macro"),
                    "num_examples": metrics.get("num_examples", 0), "steps": schedule.count(name)}
-            baseline = mcfg.baselines.get(name)
-            if baseline:
-                row.update(_baseline(baseline, cfg))
+            row.update(baselines.get(name, {}))
             table[name] = row
             say(f"eval  {name}: accuracy {row['accuracy']:.4f}"
                 + (f" vs single-task {row['single_task_accuracy']:.4f}" if "single_task_accuracy" in row else ""))
@@ -178,8 +177,10 @@ def _baseline(path: str, cfg: RunConfig) -> dict:
     if not run.is_complete():
         raise TunelabError(f"baselines: {path} is not a finished run (no metrics.json)")
     metrics = json.loads(run.metrics_path.read_text())
-    base_cfg_test = run.manifest().get("data", {}).get("test", {}).get("path")
-    if base_cfg_test and cfg.data.test and Path(base_cfg_test).resolve() != Path(cfg.data.test).resolve():
-        raise TunelabError(f"baselines: {path} was tested on {base_cfg_test}, this task on {cfg.data.test}")
+    # Same test data, whatever the path: the run's manifest records the sha256 of the file it was tested on.
+    tested = run.manifest().get("data", {}).get("test", {})
+    if cfg.data.test and Path(cfg.data.test).is_file() and tested.get("sha256") != sha256(cfg.data.test):
+        raise TunelabError(f"baselines: {path} was tested on {tested.get('path')}, whose contents differ from this "
+                           f"task's {cfg.data.test}: the comparison would not be on the same test set")
     return {"single_task_accuracy": metrics["eval"]["accuracy"], "single_task_steps": metrics["train"]["steps"],
             "single_task_run": path}
