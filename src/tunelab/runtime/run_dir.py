@@ -15,6 +15,12 @@ export, serving and the registry) asks it for a path instead of spelling one.
   report.md, report.html, plots/   the run's report (see report/run_report.py)
   trace.json, ops.txt              `tunelab profile` runs: the profiler's trace and op table
 
+`tunelab merge` and `tunelab route build` write a folder of the same kind around several runs:
+  recipe.json        merge: method, weights, density and the source runs; route: the tasks and their runs
+  tasks/NAME/        merge: one complete run directory per source task (the merged adapter, that task's head)
+  router.safetensors route: the router's weights (a linear classifier over sentence embeddings)
+  metrics.json, report.md, plots/  as for a run
+
 `manifest.json` carries `status`: running, completed, failed (with the error), interrupted (Ctrl-C), or
 killed; and `process`, the pid, host and start time of the process that owns the run (runtime/processes.py).
 `killed` is never written by the run itself: a process killed by SIGKILL or the out-of-memory killer writes
@@ -191,6 +197,32 @@ class RunDir:
     @property
     def plots_dir(self) -> Path:
         return self.path / "plots"
+
+    @property
+    def recipe_path(self) -> Path:
+        """recipe.json of a merge or router folder: what it was built from."""
+        return self.path / "recipe.json"
+
+    def task_dir(self, name: str) -> Path:
+        """A merge folder's run directory for one source task."""
+        return self.path / "tasks" / name
+
+    def task_names(self) -> list[str]:
+        tasks = self.path / "tasks"
+        return sorted(p.name for p in tasks.iterdir() if p.is_dir()) if tasks.is_dir() else []
+
+    @property
+    def router_weights(self) -> Path:
+        return self.path / "router.safetensors"
+
+    def is_router(self) -> bool:
+        return self.router_weights.is_file() and self.recipe_path.is_file()
+
+    def is_merge(self) -> bool:
+        return self.recipe_path.is_file() and not self.router_weights.is_file()
+
+    def recipe(self) -> dict:
+        return json.loads(self.recipe_path.read_text())
 
     @property
     def profile_trace(self) -> Path:
