@@ -31,7 +31,8 @@ from tunelab.plan import estimate
 from tunelab.results import TrainMetrics
 from tunelab.runtime.atomic import atomic_dir
 from tunelab.runtime.distributed import accelerator_cpu_flag, join_processes, launched_with, threads_per_process
-from tunelab.runtime.hardware import configure_cpu_heap, describe, peak_memory_bytes, resolve_precision
+from tunelab.runtime.hardware import (configure_cpu_heap, describe, peak_memory_bytes, precision_for_run,
+                                      resolve_precision)
 from tunelab.runtime.run_dir import ModelFiles, RunDir
 from tunelab.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from tunelab.train.flops import mfu, peak_flops
@@ -60,6 +61,12 @@ class FineTune:
         torch.set_num_threads(threads_per_process())
         set_seed(cfg.train.seed)
         self.precision = resolve_precision(cfg.train.precision)
+        self.recorded_precision = None
+        if resume:  # a resumed run goes on in the precision it started in (runtime/hardware.py precision_for_run)
+            self.recorded_precision = self.run.manifest().get("precision")
+            self.precision, note = precision_for_run(self.recorded_precision, cfg.train.precision)
+            if note:
+                self.console.print(f"[yellow]note: {note}[/]", highlight=False, soft_wrap=True)
         # Parts of a backbone the task never uses (BERT's pooler under mean pooling) get no gradient; DDP must
         # be told, or it stops at step 2 waiting for them. The cost is one walk of the autograd graph per step.
         ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
@@ -145,8 +152,12 @@ class FineTune:
                 self.console.print(f"[yellow]no checkpoint in {self.run.checkpoint_dir}; starting from step 0[/]")
         self.state["num_processes"] = self.accelerator.num_processes
         if self.accelerator.is_main_process:
+            # The run's precision stays the one it started in; a resume that could not honour it says so.
+            changed = {}
+            if self.recorded_precision not in (None, self.precision):
+                changed["resumed_in_precision"] = self.precision
             self.run.update_manifest(
-                precision=self.precision,
+                precision=self.recorded_precision or self.precision, **changed,
                 lr=self.lr,
                 trainable_params=self.trainable_params,
                 total_params=self.total_params,
