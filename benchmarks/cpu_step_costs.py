@@ -1,17 +1,23 @@
 """What a MiniLM training step costs on this CPU, by setting: dropout and precision.
 
 Measures real tokens/s of forward + backward + AdamW step on a fixed batch (16 x 256 tokens, no padding),
-each setting against the fp32-with-dropout baseline measured in the same run. It explains two defaults:
+each setting against the fp32-with-dropout baseline measured in the same round. It explains two defaults:
 `precision: auto` only picks bf16 where the CPU runs it natively, and the shipped configs set
 `model.dropout: 0.0`.
 
-    .venv/bin/python benchmarks/cpu_step_costs.py            # writes benchmarks/results/cpu_step_costs.md
+The bf16 row is also compared like for like, with the fp32 row of the same dropout (all 0): against the
+dropout-0.1 baseline it would mix two changes. Each ratio is taken within a round (every setting once), and
+the table gives the median over the rounds with the spread.
+
+    .venv/bin/python benchmarks/cpu_step_costs.py [ROUNDS]   # default 3; writes benchmarks/results/cpu_step_costs.md
 """
 
 from __future__ import annotations
 
 import contextlib
 import platform
+import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +29,7 @@ from tunelab.models.registry import minilm_dir
 from tunelab.runtime.hardware import cpu_has_fast_bf16, describe, usable_cores
 
 BATCH, SEQ, STEPS = 16, 256, 3
+LIKE_FOR_LIKE = {"bf16 autocast, all dropout 0": "fp32, all dropout 0"}  # same dropout, only the precision differs
 SETTINGS = [
     ("fp32, model's dropout (0.1)", {}, None),
     ("fp32, attention dropout 0", {"attention_probs_dropout_prob": 0.0}, None),
@@ -53,29 +60,41 @@ def tokens_per_s(overrides: dict, dtype) -> float:
     return BATCH * SEQ * STEPS / (time.perf_counter() - start)
 
 
+def _spread(values: list[float], fmt: str) -> str:
+    med = statistics.median(values)
+    return f"{med:{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})" if len(values) > 1 else f"{med:{fmt}}"
+
+
 def main() -> None:
+    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 3
     torch.set_num_threads(usable_cores())
     quiet_transformers()
     hw = describe()
-    rows = []
-    for name, overrides, dtype in SETTINGS:
-        tps = tokens_per_s(overrides, dtype)
-        rows.append((name, tps))
-        print(f"{name:32s} {tps:8.0f} tok/s", flush=True)
-    base = rows[0][1]
+    measured: dict[str, list[float]] = {name: [] for name, _, _ in SETTINGS}
+    for r in range(rounds):
+        for name, overrides, dtype in SETTINGS:
+            measured[name].append(tokens_per_s(overrides, dtype))
+            print(f"round {r + 1}: {name:32s} {measured[name][-1]:8.0f} tok/s", flush=True)
+    base = SETTINGS[0][0]
+    vs_base = {n: [v / b for v, b in zip(measured[n], measured[base])] for n in measured}
     lines = [
         "# MiniLM training-step cost by setting",
         "",
         f"Machine: {hw['cpu']}, {hw['usable_cores']} cores, torch {torch.__version__}, "
         f"native bf16 (AMX/AVX512-BF16): {cpu_has_fast_bf16()}. Python {platform.python_version()}.",
-        f"Fixed batch {BATCH} x {SEQ} tokens, forward + backward + AdamW, mean of {STEPS} steps after one warm-up.",
+        f"Fixed batch {BATCH} x {SEQ} tokens, forward + backward + AdamW, mean of {STEPS} steps after one warm-up; "
+        f"{rounds} rounds of every setting, median (min-max) over the rounds, each ratio taken within its round.",
         "",
-        "Command: `.venv/bin/python benchmarks/cpu_step_costs.py`",
+        f"Command: `.venv/bin/python benchmarks/cpu_step_costs.py {rounds}`",
         "",
-        "| setting | real tokens/s | vs baseline |",
-        "|---|---:|---:|",
+        "| setting | real tokens/s | vs baseline | like for like |",
+        "|---|---:|---:|---:|",
     ]
-    lines += [f"| {name} | {tps:,.0f} | {tps / base:.2f}x |" for name, tps in rows]
+    for name, _, _ in SETTINGS:
+        pair = LIKE_FOR_LIKE.get(name)
+        like = (_spread([v / b for v, b in zip(measured[name], measured[pair])], ".3f") + f"x vs {pair}"
+                if pair else "")
+        lines.append(f"| {name} | {_spread(measured[name], ',.0f')} | {_spread(vs_base[name], '.2f')}x | {like} |")
     out = Path(__file__).parent / "results" / "cpu_step_costs.md"
     out.parent.mkdir(exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
