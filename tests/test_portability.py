@@ -74,6 +74,15 @@ def test_resolve_precision_on_a_gpu(monkeypatch, bf16_supported, resolved):
     assert hardware.resolve_precision("fp16") == "fp16"
 
 
+def test_a_run_records_which_host_it_ran_on(cpu_host):
+    """Every manifest's hardware block names the flags that chose its paths, so a result says its host."""
+    cpu_host("avx2")
+    assert hardware.describe()["cpu_isa"] == ["avx2", "fma"]
+    cpu_host("amx")
+    assert {"avx512_bf16", "amx_bf16"} <= set(hardware.describe()["cpu_isa"])
+    assert hardware.describe()["cpu_fast_bf16"] is True
+
+
 # (recorded in the run, host) -> (used here, whether a note is printed)
 REUSE = [
     ("fp32", "avx2", "fp32", False), ("fp32", "amx", "fp32", False),  # never re-resolved to bf16 on a bf16 host

@@ -12,6 +12,9 @@ from tunelab.errors import ConfigError
 from tunelab.runtime.cpuinfo import cpu_flags, cpu_model
 
 
+ISA_FLAGS = frozenset({"avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8"})
+
+
 def usable_cores() -> int:
     """Threads for torch: OMP_NUM_THREADS when set, else the cores this process may run on (the affinity
     mask), not the machine's total: in a container or under taskset, os.cpu_count() overcounts.
@@ -142,6 +145,8 @@ def describe() -> dict:
         "usable_cores": usable_cores(),
         "torch_threads": torch.get_num_threads(),
         "cpu_fast_bf16": cpu_has_fast_bf16(),
+        # the flags that choose a path (precision auto, bitsandbytes' CPU layout): which host a result came from
+        "cpu_isa": sorted(ISA_FLAGS & cpu_flags()),
         "cuda": torch.cuda.is_available(),
     }
     if torch.cuda.is_available():
