@@ -178,6 +178,7 @@ def test_json_array_file_is_read_with_each_objects_line(tmp_path):
     (b'[{"text": "a", "label": "x"},\n "just a string"]', r"arr.json:2: expected a JSON object in the array, got str"),
     (b'[{"text": "a", "label": "x"}]\n{"text": "b"}', r"arr.json:2: text after the JSON array"),
     (b'[{"text": "a", "label": "x"}\n\n {"text": "b", "label": "y"}]', r"arr.json:3: invalid JSON in the array"),
+    (b'[{"text": "a", "label": "x"},\n {"text": "caf\xe9", "label": "y"}]', r"arr.json:2: not valid UTF-8 \(byte 0xe9"),
     # A pretty-printed single object is neither format: the error says what a .json file may hold.
     (b'{\n  "text": "a",\n  "label": "x"\n}\n', r"arr.json:1: invalid JSON .*one JSON array of objects or one object "
                                              r"per line \(JSON Lines\)"),

@@ -119,7 +119,12 @@ def _read_json_array(path: Path) -> list[Record]:
     if size > 64 * MAX_RECORD_BYTES:
         raise DataError(f"{path}: a JSON array of {size:,} bytes is read whole; save it as JSON Lines "
                         "(one object per line, .jsonl) instead")
-    text = _decode_line(path, 1, path.read_bytes()).removeprefix(BOM)
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8").removeprefix(BOM)
+    except UnicodeDecodeError as err:
+        lineno = raw.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[err.start]:02x}); re-save the file as UTF-8") from None
     decoder = json.JSONDecoder()
     pos = text.index("[") + 1
     records: list[Record] = []
