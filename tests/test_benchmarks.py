@@ -101,3 +101,17 @@ def test_rounds_give_medians_and_paired_ratios():
     assert rounds_mod.run_order(["a", "b"], 1) == ["b", "a"]
     failed = rounds_mod.summarise([{"x": _row(1, 1, 1)}, {"x": {"error": "exit status 1"}}])
     assert failed["x"]["error"].startswith("exit status 1 (in 1 of 2 rounds)")
+
+
+def test_cpu_step_costs_compares_bf16_like_for_like(tmp_path, monkeypatch):
+    """The bf16 row's like-for-like ratio is against fp32 at the same dropout, paired per round; the old
+    "vs baseline" ratio against the dropout-0.1 row mixes two changes (0.08x where like for like is 0.044x)."""
+    costs = _load("cpu_step_costs")
+    speeds = iter([721, 1089, 1255, 55, 55, 1255, 1089, 721])  # round 2 runs in reverse order (rounds.run_order)
+    monkeypatch.setattr(costs, "tokens_per_s", lambda overrides, dtype: float(next(speeds)))
+    monkeypatch.setattr(costs, "RESULTS", tmp_path / "costs.md")
+    monkeypatch.setattr(sys, "argv", ["cpu_step_costs.py", "2"])
+    costs.main()
+    bf16 = next(line for line in (tmp_path / "costs.md").read_text().splitlines() if line.startswith("| bf16"))
+    assert "0.044x (0.044-0.044x, 2 runs) vs fp32, all dropout 0" in bf16
+    assert "| 0.08x (0.08-0.08x, 2 runs) |" in bf16

@@ -149,3 +149,71 @@ def test_instruction_labels_train_response_and_eos_not_prompt(tiny_decoder):
     assert truncated == 0
     (alpaca,), _ = tokenize_instruction([ex], tok, 256, "alpaca")
     assert "### Response:" in tok.decode(alpaca["input_ids"])
+
+
+def test_jsonl_with_a_byte_order_mark_reads_like_without(tmp_path):
+    """Windows editors start UTF-8 files with a BOM; the CSV reader always skipped it, the JSONL one now does."""
+    plain = write_jsonl(tmp_path / "plain.jsonl", ROWS[:6]).read_bytes()
+    bom = _raw(tmp_path, "bom.jsonl", b"\xef\xbb\xbf" + plain)
+    splits = load_splits(bom, "classification", seed=0)
+    assert sorted(ex["text"] for ex in splits.train) == sorted(r["text"] for r in ROWS[:6])
+    # Only at the start of the file: a BOM inside a later line is still an error, with its line.
+    with pytest.raises(DataError, match=r"inner.jsonl:2: invalid JSON"):
+        first, rest = plain.split(b"\n", 1)
+        load_splits(_raw(tmp_path, "inner.jsonl", first + b"\n\xef\xbb\xbf" + rest), "classification", 0)
+
+
+def test_json_array_file_is_read_with_each_objects_line(tmp_path):
+    text = "\ufeff[\n" + ",\n".join("  " + json.dumps(r) for r in ROWS[:6]) + "\n]\n"
+    splits = load_splits(_raw(tmp_path, "rows.json", text.encode()), "classification", seed=0)
+    assert sorted(ex["text"] for ex in splits.train) == sorted(r["text"] for r in ROWS[:6])
+    assert {ex["where"] for ex in splits.train} == {f"{tmp_path / 'rows.json'}:{n}" for n in range(2, 8)}
+    # A .json file of one object per line is still JSON Lines.
+    lines = write_jsonl(tmp_path / "lines.json", ROWS[:6])
+    assert len(load_splits(DataConfig(train=str(lines)), "classification", seed=0).train) == 6
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b'[{"text": "a", "label": "x"},\n {"text": "b" "label": "y"}]', r"arr.json:2: invalid JSON in the array"),
+    (b'[{"text": "a", "label": "x"},\n "just a string"]', r"arr.json:2: expected a JSON object in the array, got str"),
+    (b'[{"text": "a", "label": "x"}]\n{"text": "b"}', r"arr.json:2: text after the JSON array"),
+    (b'[{"text": "a", "label": "x"}\n\n {"text": "b", "label": "y"}]', r"arr.json:3: invalid JSON in the array"),
+    (b'[{"text": "a", "label": "x"},\n {"text": "caf\xe9", "label": "y"}]', r"arr.json:2: not valid UTF-8 \(byte 0xe9"),
+    # A pretty-printed single object is neither format: the error says what a .json file may hold.
+    (b'{\n  "text": "a",\n  "label": "x"\n}\n', r"arr.json:1: invalid JSON .*one JSON array of objects or one object "
+                                             r"per line \(JSON Lines\)"),
+])
+def test_bad_json_files_say_line_and_format(tmp_path, content, expected):
+    with pytest.raises(DataError, match=expected) as err:
+        load_splits(_raw(tmp_path, "arr.json", content), "classification", seed=0)
+    assert "\n" not in str(err.value)
+
+
+def test_boolean_labels_are_kept_as_written(tmp_path):
+    """`true`/`false` are class names as written, as they are in a CSV; never the "1"/"0" of str(int(True))."""
+    rows = [{"text": f"t{i}", "label": i % 2 == 0} for i in range(6)]
+    splits = load_splits(_cfg(tmp_path, rows), "classification", seed=0)
+    assert splits.labels == ["false", "true"]
+    assert {ex["text"]: ex["label"] for ex in splits.train}["t0"] == "true"
+    csv = tmp_path / "b.csv"
+    csv.write_text("text,label\n" + "".join(f"t{i},{str(i % 2 == 0).lower()}\n" for i in range(6)))
+    assert load_splits(DataConfig(train=str(csv)), "classification", seed=0).labels == ["false", "true"]
+    # A file mixing JSON true and 1 keeps them apart: two spellings are two classes, not silently one.
+    mixed = load_splits(_cfg(tmp_path, [{"text": "a", "label": True}, {"text": "b", "label": 1}]), "classification", 0)
+    assert mixed.labels == ["1", "true"]
+
+
+@pytest.mark.parametrize("name", ["big.jsonl", "big.json"])
+def test_a_line_over_the_size_cap_is_one_line_naming_file_and_line(tmp_path, monkeypatch, name):
+    from tunelab.data import sources
+
+    monkeypatch.setattr(sources, "MAX_RECORD_BYTES", 200)
+    fine = json.dumps({"text": "a" * 100, "label": "x"})
+    huge = json.dumps({"text": "b" * 300, "label": "y"})
+    content = f"{fine}\n{huge}\n{fine}\n" if name.endswith("l") else f"[{fine},\n{huge}]"
+    with pytest.raises(DataError, match=rf"{name}:2: record is over 200 bytes") as err:
+        load_splits(_raw(tmp_path, name, content.encode()), "classification", seed=0)
+    assert "\n" not in str(err.value)
+    # Under the cap, the same records read.
+    monkeypatch.setattr(sources, "MAX_RECORD_BYTES", 400)
+    assert len(load_splits(_raw(tmp_path, name, content.encode()), "classification", seed=0).train) >= 2

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from tunelab.config import validate_config
 from tunelab.train.run import run_training
 
-from conftest import make_config
+from conftest import make_config, write_jsonl
 
 # A script, not `-m tunelab train` twice: the two processes then pay the torch/transformers import once for both
 # techniques. It still goes through the CLI's own entry point.
@@ -33,6 +33,14 @@ CASES = {
     "full": dict(method={"name": "full"}, train={"batch_size": 4, "grad_accum": 1, "group_by_length": False}),
     # LoRA with length grouping and accumulation: no_sync on the first micro-batch, sync on the second
     "lora": dict(
+        method={"name": "lora", "rank": 4, "dropout": 0.0},
+        train={"batch_size": 2, "grad_accum": 2, "group_by_length": True},
+    ),
+    # Instruction tuning, 21 rows of different lengths: the ranks hold different token counts in every
+    # micro-batch, an epoch is 5 global batches of 4 and one of 1 row (rank 0 runs a stand-in there, see
+    # FineTune._micro_batches), and its last accumulation step has one micro-batch, not two.
+    "lora-instruction": dict(
+        task="instruction",
         method={"name": "lora", "rank": 4, "dropout": 0.0},
         train={"batch_size": 2, "grad_accum": 2, "group_by_length": True},
     ),
@@ -47,7 +55,8 @@ def _free_port() -> int:
 
 def _weights(run_path: Path) -> dict[str, torch.Tensor]:
     model = run_path / "model"
-    out = {f"head.{k}": v for k, v in load_file(model / "head.safetensors").items()}
+    head = model / "head.safetensors"
+    out = {f"head.{k}": v for k, v in load_file(head).items()} if head.is_file() else {}
     for f in (model / "backbone").glob("*.safetensors"):
         out.update(load_file(f))
     return out
@@ -58,10 +67,15 @@ def _train_losses(run_path: Path) -> list[float]:
     return [x["loss"] for x in lines if "loss" in x and "split" not in x]
 
 
-def _raw_config(name, case, encoder, train, test, processes) -> dict:
+def _raw_config(name, case, models, files, processes) -> dict:
+    task = case.get("task", "classification")
+    train, test = files[task]
     raw = make_config(
-        model={"name": encoder, "dropout": 0.0},
-        data={"train": str(train), "test": str(test), "max_length": 32, "max_train_samples": 36},
+        task=task,
+        model={"name": models[task], "dropout": 0.0},
+        data={"train": str(train), "test": str(test), "max_length": 32 if task == "classification" else 64,
+              "max_train_samples": 36},
+        eval={"num_samples": 0, "untuned": False},
         method=case["method"],
         track={"enabled": True},  # checked below: a DDP run is one MLflow run
         output={"dir": "runs", "name": name},
@@ -72,13 +86,18 @@ def _raw_config(name, case, encoder, train, test, processes) -> dict:
     return raw
 
 
-def test_ddp_two_processes_match_one(tmp_path, monkeypatch, tiny_encoder, sentiment_files):
+def test_ddp_two_processes_match_one(tmp_path, monkeypatch, tiny_encoder, tiny_decoder, sentiment_files):
+    from test_accumulation_lm import lm_rows
+
     monkeypatch.chdir(tmp_path)
-    train, test = sentiment_files
+    rows = lm_rows("instruction")
+    instruction = write_jsonl(tmp_path / "i-train.jsonl", rows), write_jsonl(tmp_path / "i-test.jsonl", rows[:8])
+    files = {"classification": sentiment_files, "instruction": instruction}
+    models = {"classification": tiny_encoder, "instruction": tiny_decoder}
     configs = []
     for method, case in CASES.items():
         path = tmp_path / f"ddp-{method}.yaml"
-        path.write_text(yaml.safe_dump(_raw_config(f"ddp-{method}", case, tiny_encoder, train, test, processes=2)))
+        path.write_text(yaml.safe_dump(_raw_config(f"ddp-{method}", case, models, files, processes=2)))
         configs.append(str(path))
     (tmp_path / "launched.py").write_text(LAUNCHED)
     accelerate = Path(sys.executable).with_name("accelerate")
@@ -93,7 +112,7 @@ def test_ddp_two_processes_match_one(tmp_path, monkeypatch, tiny_encoder, sentim
     for method, case in CASES.items():
         ddp = tmp_path / "runs" / f"ddp-{method}"
         single, _ = run_training(validate_config(
-            _raw_config(f"single-{method}", case, tiny_encoder, train, test, processes=1)))
+            _raw_config(f"single-{method}", case, models, files, processes=1)))
         manifest = json.loads((ddp / "manifest.json").read_text())
         assert manifest["status"] == "completed" and manifest["num_processes"] == 2
         # only the main process wrote: one line per step, one run directory per run

@@ -12,6 +12,18 @@ from tunelab.cli.common import app, err, out, print_metrics, quiet_libraries, re
 from tunelab.errors import TunelabError
 
 REGISTRY_HELP = "registry:NAME@ALIAS (or NAME/VERSION) from the MLflow registry"
+TRUST_HELP = ("Let the base model run Python code from its repository. The run directory's own config.yaml "
+              "cannot turn this on: only this flag can.")
+
+
+def load_trained(run_dir: Path, trust_remote_code: bool):
+    """The run, loaded for eval/predict/generate; says in one line when it cannot use the run's precision."""
+    from tunelab.inference.trained import TrainedModel
+
+    model = TrainedModel(resolve_source(run_dir), trust_remote_code=trust_remote_code)
+    if model.precision_note:
+        err.print(f"[yellow]note: {model.precision_note}[/]", highlight=False, soft_wrap=True)
+    return model
 
 
 def resolve_source(arg: Path) -> Path:
@@ -90,13 +102,13 @@ def eval_cmd(
     run_dir: Path = typer.Argument(..., help=f"A finished run directory, or {REGISTRY_HELP}."),
     data: Path = typer.Option(..., "--data", help="Labelled file in the run's task format."),
     output: Optional[Path] = typer.Option(None, "--output", help="Also write the metrics here as JSON (e.g. for dvc metrics)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
 ):
     """Evaluate a trained run on another labelled file."""
-    from tunelab.inference.trained import TrainedModel
     from tunelab.runtime.atomic import atomic_write_json as write_json_atomic
 
     quiet_libraries()
-    model = TrainedModel(resolve_source(run_dir))
+    model = load_trained(run_dir, trust_remote_code)
     metrics = model.evaluate_file(str(data))
     print_metrics({"eval": metrics}, model.labels)
     flat = {k: v for k, v in metrics.items() if k != "per_class"}
@@ -113,6 +125,7 @@ def predict(
     file: Optional[Path] = typer.Option(None, "--file", help="One text per line (.txt), or .jsonl/.csv with 'text'."),
     output: Optional[Path] = typer.Option(None, "--output", help="Write JSONL here instead of stdout."),
     task: Optional[str] = typer.Option(None, "--task", help="Router folders: route by this task tag instead of the router."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
 ):
     """Classify text with a trained run; prints one JSON line per input (with a router: the chosen adapter too)."""
     from tunelab.runtime.run_dir import RunDir
@@ -126,9 +139,7 @@ def predict(
         return
     if task is not None:
         raise TunelabError("--task picks an adapter of a router folder; this is a single run")
-    from tunelab.inference.trained import TrainedModel
-
-    write_jsonl(TrainedModel(resolve_source(run_dir)).predict(texts), output)
+    write_jsonl(load_trained(run_dir, trust_remote_code).predict(texts), output)
 
 
 @app.command()
@@ -140,10 +151,9 @@ def generate(
     repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty", min=1.0,
                                                        help="Default: the run's eval.repetition_penalty."),
     output: Optional[Path] = typer.Option(None, "--output", help="Write JSONL here instead of stdout."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
 ):
     """Generate text with a trained run (greedy); prints one JSON line per prompt."""
-    from tunelab.inference.trained import TrainedModel
-
     prompts = read_inputs(prompt, file, "prompt")
     quiet_libraries()
-    write_jsonl(TrainedModel(resolve_source(run_dir)).generate(prompts, max_new_tokens, repetition_penalty), output)
+    write_jsonl(load_trained(run_dir, trust_remote_code).generate(prompts, max_new_tokens, repetition_penalty), output)

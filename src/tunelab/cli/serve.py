@@ -43,6 +43,8 @@ def serve(
     log_max_mb: int = typer.Option(50, "--log-max-mb", min=1, help="Rotate requests.jsonl at this size."),
     shutdown_timeout: float = typer.Option(60.0, "--shutdown-timeout", min=0.0, help="Seconds in-flight requests "
                                            "get to finish after SIGTERM."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Let base models run Python code "
+                                           "from their repository; a run's own config.yaml cannot turn this on."),
 ):
     """Serve runs over an OpenAI-compatible HTTP API; runs on one base model share one copy of it."""
     _require_serving_extra()
@@ -67,6 +69,7 @@ def serve(
         rate_per_s=parse_rate(rate_limit) if rate_limit else None, max_batch=max_batch,
         batch_window_ms=batch_window_ms, max_queue=max_queue, max_body_bytes=max_body_kb * 1024, log_dir=log_dir,
         log_payloads=log_payloads, log_max_bytes=log_max_mb << 20, shutdown_timeout_s=shutdown_timeout,
+        trust_remote_code=trust_remote_code,
     )
     quiet_libraries()
     raise typer.Exit(run_server(settings, announce=lambda line: print(line, flush=True)))
@@ -80,6 +83,8 @@ def batch(
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Inputs per model call (and per write)."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1,
                                                  help="Generation: default the run's eval.max_new_tokens."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Let the base model run Python code "
+                                           "from its repository; the run's own config.yaml cannot turn this on."),
 ):
     """Classify or generate (greedy) for every line of a file; resumable after a kill."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -94,7 +99,7 @@ def batch(
         def progress(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
-        summary = run_batch(source, input, output, batch_size, max_new_tokens, progress)
+        summary = run_batch(source, input, output, batch_size, max_new_tokens, progress, trust_remote_code)
     resumed = f", {summary['skipped']:,} already there" if summary["skipped"] else ""
     out.print(f"wrote {summary['written']:,} lines to {output} ({summary['total']:,} inputs{resumed})")
 

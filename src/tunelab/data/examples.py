@@ -40,8 +40,12 @@ def _field(record: Record, name: str, columns: dict[str, str], optional: bool = 
         found = ", ".join(map(str, record.fields)) or "none"
         raise DataError(f"{record.where}: field '{column}' is missing (found: {found}){hint}")
     value = record.fields[column]
-    if name == "label" and isinstance(value, (int, bool)) and not isinstance(value, float):
-        value = str(int(value))  # integer class ids are fine; they become names "0", "1", ...
+    if name == "label" and isinstance(value, bool):
+        # Kept as written: `true` in JSON (or Parquet) is the class "true", as "true" in a CSV is. str(int())
+        # would make it "1", and a file mixing `true` and 1 would silently merge two spellings.
+        value = "true" if value else "false"
+    elif name == "label" and isinstance(value, int):
+        value = str(value)  # integer class ids are fine; they become names "0", "1", ...
     if not isinstance(value, str):
         raise DataError(f"{record.where}: field '{column}' must be a string, got {type(value).__name__} ({value!r:.40})")
     if not value.strip() and name not in MAY_BE_EMPTY:

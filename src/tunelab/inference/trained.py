@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from safetensors.torch import load_file
 
-from tunelab.config import load_config
+from tunelab.config import RunConfig, load_config
 from tunelab.data.examples import load_examples
 from tunelab.data.templates import choose_template, render_prompt
 from tunelab.data.tokenize import tokenize_causal_lm, tokenize_classification, tokenize_instruction
@@ -16,16 +16,37 @@ from tunelab.errors import DataError, TunelabError
 from tunelab.evaluate.runner import evaluate_classification, evaluate_lm, generate, predict_classes
 from tunelab.methods import get_method
 from tunelab.models.loading import load_task_model, load_tokenizer
-from tunelab.runtime.hardware import resolve_precision, usable_cores
+from tunelab.runtime.hardware import precision_for_run, usable_cores
 from tunelab.runtime.run_dir import RunDir
+
+
+def load_run_config(run: RunDir, trust_remote_code: bool = False) -> RunConfig:
+    """A run directory's config, with model.trust_remote_code from the command line, never from the file.
+
+    A run directory is data that may come from anywhere (a download, a colleague, a registry): letting its
+    config.yaml switch on remote code would run whatever Python the model repository it names ships. Only
+    the person at the command line (`--trust-remote-code`) can turn it on.
+    """
+    cfg = load_config(run.config_path)
+    cfg.model.trust_remote_code = trust_remote_code
+    return cfg
+
+
+def recorded_precision(run: RunDir, cfg: RunConfig) -> tuple[str, str | None]:
+    """The precision the run trained in (its manifest), to use again here; and a note when this host can't."""
+    manifest = run.manifest() if run.manifest_path.is_file() else {}
+    return precision_for_run(manifest.get("precision"), cfg.train.precision)
 
 
 class TrainedModel:
     """A finished run, loaded. base_backbone: the pretrained backbone to build on instead of loading it (it
     must be the run's own base model, loaded with the technique's pretrained_kwargs; the technique wraps it
-    in place, so give each TrainedModel its own module tree, which may share weight tensors with others)."""
+    in place, so give each TrainedModel its own module tree, which may share weight tensors with others).
 
-    def __init__(self, run_dir: str | Path, base_backbone: nn.Module | None = None):
+    It computes in the precision the run trained in; `precision_note` says why not when this host can't.
+    trust_remote_code: what the command line said (see load_run_config)."""
+
+    def __init__(self, run_dir: str | Path, base_backbone: nn.Module | None = None, trust_remote_code: bool = False):
         run = RunDir(run_dir)
         if not run.is_run():
             raise TunelabError(f"{run_dir}: not a run directory (no config.yaml)")
@@ -33,9 +54,9 @@ class TrainedModel:
             raise TunelabError(f"{run_dir}: has no trained model (run status: {run.status()})")
         torch.set_num_threads(usable_cores())
         self.run = run
-        self.cfg = load_config(run.config_path)
+        self.cfg = load_run_config(run, trust_remote_code)
         self.labels = run.labels()
-        self.precision = resolve_precision(self.cfg.train.precision)
+        self.precision, self.precision_note = recorded_precision(run, self.cfg)
         method = get_method(self.cfg.method.name)
         model, _, _ = load_task_model(
             self.cfg.model, self.cfg.task, num_labels=len(self.labels),

@@ -80,7 +80,7 @@ def _shapes_from_data(cfg: RunConfig, tokenizer, features) -> Shapes:
     targets = [_targets(f) for f in train]
     t = cfg.train
     per_epoch = max(1, math.ceil(len(train) / t.batch_size))
-    steps = t.max_steps or max(1, math.ceil(t.epochs * per_epoch / t.grad_accum))
+    steps = t.max_steps or max(1, math.ceil(t.epochs * math.ceil(per_epoch / t.grad_accum)))  # as train/loop.py
     micro = steps * t.grad_accum
     batches: list[Batch] = []
     epoch = 0

@@ -12,6 +12,9 @@ from tunelab.errors import ConfigError
 from tunelab.runtime.cpuinfo import cpu_flags, cpu_model
 
 
+ISA_FLAGS = frozenset({"avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8"})
+
+
 def usable_cores() -> int:
     """Threads for torch: OMP_NUM_THREADS when set, else the cores this process may run on (the affinity
     mask), not the machine's total: in a container or under taskset, os.cpu_count() overcounts.
@@ -44,6 +47,35 @@ def resolve_precision(requested: str) -> str:
     if requested == "fp16" and not cuda:
         raise ConfigError("train.precision 'fp16' needs a CUDA GPU; on CPU use 'bf16' (AMX/AVX512-BF16) or 'fp32'")
     return requested
+
+
+def precision_for_run(recorded: str | None, requested: str = "auto") -> tuple[str, str | None]:
+    """The precision to use again for a run that trained in `recorded` (its manifest's "precision"), and a
+    one-line note when this machine cannot honour it.
+
+    A run's precision is part of the run: resuming it, evaluating it or generating with it elsewhere must
+    compute what it trained with, not re-resolve `auto` on the new machine (an fp32 run would be evaluated in
+    bf16 on an AVX512-BF16 host without a word). Where this machine cannot run the recorded precision
+    natively (bf16 on a CPU without AVX512-BF16/AMX is emulated, an order of magnitude slower; fp16 needs a
+    GPU), fp32 is used and the note says so. A run from before precision was recorded resolves `requested`.
+    """
+    if recorded is None:
+        return resolve_precision(requested), None
+    if recorded == "fp32":
+        return "fp32", None
+    cuda = torch.cuda.is_available()
+    if recorded == "bf16":
+        native = torch.cuda.is_bf16_supported() if cuda else cpu_has_fast_bf16()
+        if native:
+            return "bf16", None
+        where = "this GPU has no bf16" if cuda else "this CPU has no AVX512-BF16 or AMX, so bf16 is emulated"
+    elif recorded == "fp16":
+        if cuda:
+            return "fp16", None
+        where = "fp16 autocast needs a CUDA GPU"
+    else:
+        raise ConfigError(f"the run records precision '{recorded}', which is not one of fp32, bf16, fp16")
+    return "fp32", f"this run trained in {recorded}, but {where}: using fp32 here (results can differ slightly)"
 
 
 # glibc's mallopt parameters (malloc.h), and what train.cpu_heap=keep sets them to
@@ -113,6 +145,8 @@ def describe() -> dict:
         "usable_cores": usable_cores(),
         "torch_threads": torch.get_num_threads(),
         "cpu_fast_bf16": cpu_has_fast_bf16(),
+        # the flags that choose a path (precision auto, bitsandbytes' CPU layout): which host a result came from
+        "cpu_isa": sorted(ISA_FLAGS & cpu_flags()),
         "cuda": torch.cuda.is_available(),
     }
     if torch.cuda.is_available():

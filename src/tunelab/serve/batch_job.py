@@ -109,12 +109,12 @@ def _results(served, items: list[BatchItem], max_new_tokens: int | None) -> list
 
 
 def run_batch(source: str | Path, input_path: Path, output: Path, batch_size: int = 16,
-              max_new_tokens: int | None = None, progress=None) -> dict:
+              max_new_tokens: int | None = None, progress=None, trust_remote_code: bool = False) -> dict:
     """Answer every input id not yet in `output`. progress(done, total) is called after each group."""
     from tunelab.serve.registry import ModelRegistry, parse_source
 
     name, path = parse_source(str(source))
-    served = ModelRegistry().load(name, path)
+    served = ModelRegistry(trust_remote_code=trust_remote_code).load(name, path)
     items = read_items(input_path, served.task)
     done = finished_ids(output, {it.id for it in items})
     todo = [it for it in items if it.id not in done]

@@ -174,7 +174,8 @@ class BasePool:
 class ModelRegistry:
     """Thread-safe name -> ServedModel map; loads go through the pool so bases are shared."""
 
-    def __init__(self, served_json: Path | None = None):
+    def __init__(self, served_json: Path | None = None, trust_remote_code: bool = False):
+        self.trust_remote_code = trust_remote_code  # from the command line only (inference/trained.py)
         self._models: dict[str, ServedModel] = {}
         self._pool = BasePool()
         self._lock = threading.RLock()
@@ -198,8 +199,7 @@ class ModelRegistry:
 
     def load(self, name: str, source: str | Path) -> ServedModel:
         """Load a run directory under `name`, replacing any model of that name."""
-        from tunelab.config import load_config
-        from tunelab.inference.trained import TrainedModel
+        from tunelab.inference.trained import TrainedModel, load_run_config, recorded_precision
         from tunelab.methods import get_method
         from tunelab.runtime.run_dir import RunDir
 
@@ -209,18 +209,16 @@ class ModelRegistry:
             raise TunelabError(f"{path}: export folders cannot be served yet; serve the run directory it came from")
         if not run.is_run():
             raise TunelabError(f"{path}: not a run directory (no config.yaml)")
-        cfg = load_config(run.config_path)
+        cfg = load_run_config(run, self.trust_remote_code)
         method = get_method(cfg.method.name)
         key = backbone = None
         with self._lock:
             if cfg.method.name != "full":  # full fine-tuning replaces every base weight: nothing to share
-                from tunelab.runtime.hardware import resolve_precision
-
-                kwargs = method.pretrained_kwargs(cfg.method, resolve_precision(cfg.train.precision))
+                kwargs = method.pretrained_kwargs(cfg.method, recorded_precision(run, cfg)[0])
                 key = BasePool.key(cfg, kwargs)
                 backbone = self._pool.acquire(key, name, cfg, kwargs)
             try:
-                trained = TrainedModel(path, base_backbone=backbone)
+                trained = TrainedModel(path, base_backbone=backbone, trust_remote_code=self.trust_remote_code)
             except BaseException:
                 self._release_unless_used(key, name)
                 raise

@@ -51,8 +51,14 @@ def serve(settings: ServeSettings, announce=print) -> int:
         server.should_exit = True
 
     state.on_fatal = fatal
-    state.on_ready = lambda: announce(
-        f"ready: {', '.join(state.registry.names())} ({state.registry.bases_loaded} shared base model(s) in memory)")
+    def ready() -> None:
+        for served in state.registry.models():
+            if served.trained.precision_note:  # e.g. a bf16 run served on a CPU without native bf16
+                announce(f"note: {served.name}: {served.trained.precision_note}")
+        announce(f"ready: {', '.join(state.registry.names())} ({state.registry.bases_loaded} shared base model(s) "
+                 "in memory)")
+
+    state.on_ready = ready
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)  # see the module docstring
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"

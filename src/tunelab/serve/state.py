@@ -33,6 +33,7 @@ class ServeSettings:
     log_payloads: bool = False
     log_max_bytes: int = 50 << 20
     shutdown_timeout_s: float = 60.0
+    trust_remote_code: bool = False  # only the command line sets it, never a served run's config.yaml
 
 
 @dataclass
@@ -62,7 +63,8 @@ class ServerState:
         self.keys = KeyStore.load(settings.api_keys) if settings.api_keys else None
         self.buckets = TokenBuckets()
         self.metrics = ServerMetrics()
-        self.registry = ModelRegistry(settings.log_dir / "served.json" if settings.log_dir else None)
+        self.registry = ModelRegistry(settings.log_dir / "served.json" if settings.log_dir else None,
+                                      trust_remote_code=settings.trust_remote_code)
         self.batcher = Batcher(settings.max_batch, settings.batch_window_ms / 1000, settings.max_queue, self.metrics)
         self.request_log = RequestLog(settings.log_dir, settings.log_max_bytes, payloads=settings.log_payloads)
         self.ready = threading.Event()

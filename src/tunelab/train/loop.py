@@ -31,7 +31,8 @@ from tunelab.plan import estimate
 from tunelab.results import TrainMetrics
 from tunelab.runtime.atomic import atomic_dir
 from tunelab.runtime.distributed import accelerator_cpu_flag, join_processes, launched_with, threads_per_process
-from tunelab.runtime.hardware import configure_cpu_heap, describe, peak_memory_bytes, resolve_precision
+from tunelab.runtime.hardware import (configure_cpu_heap, describe, peak_memory_bytes, precision_for_run,
+                                      resolve_precision)
 from tunelab.runtime.run_dir import ModelFiles, RunDir
 from tunelab.train.checkpoint import resume_checkpoint, save_checkpoint
 from tunelab.train.flops import mfu, peak_flops
@@ -60,6 +61,12 @@ class FineTune:
         torch.set_num_threads(threads_per_process())
         set_seed(cfg.train.seed)
         self.precision = resolve_precision(cfg.train.precision)
+        self.recorded_precision = None
+        if resume:  # a resumed run goes on in the precision it started in (runtime/hardware.py precision_for_run)
+            self.recorded_precision = self.run.manifest().get("precision")
+            self.precision, note = precision_for_run(self.recorded_precision, cfg.train.precision)
+            if note:
+                self.console.print(f"[yellow]note: {note}[/]", highlight=False, soft_wrap=True)
         # Parts of a backbone the task never uses (BERT's pooler under mean pooling) get no gradient; DDP must
         # be told, or it stops at step 2 waiting for them. The cost is one walk of the autograd graph per step.
         ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
@@ -146,8 +153,12 @@ class FineTune:
                 self.console.print(f"[yellow]no checkpoint in {self.run.checkpoint_dir}; starting from step 0[/]")
         self.state["num_processes"] = self.accelerator.num_processes
         if self.accelerator.is_main_process:
+            # The run's precision stays the one it started in; a resume that could not honour it says so.
+            changed = {}
+            if self.recorded_precision not in (None, self.precision):
+                changed["resumed_in_precision"] = self.precision
             self.run.update_manifest(
-                precision=self.precision,
+                precision=self.recorded_precision or self.precision, **changed,
                 lr=self.lr,
                 trainable_params=self.trainable_params,
                 total_params=self.total_params,
@@ -181,39 +192,60 @@ class FineTune:
         return self.accelerator.unwrap_model(self.model)
 
     def _micro_batches_per_epoch(self) -> int:
-        """Global batches in an epoch's plan (see _micro_batches): full ones, plus a last one if every process
-        gets an example of it."""
-        world = self.accelerator.num_processes
-        full, rest = divmod(len(self.lengths), self.cfg.train.batch_size * world)
-        return max(1, full + (rest >= world))
+        """Global batches in an epoch's plan (see _micro_batches), the short last one included."""
+        return max(1, math.ceil(len(self.lengths) / (self.cfg.train.batch_size * self.accelerator.num_processes)))
+
+    def _steps_per_epoch(self) -> int:
+        """Optimizer steps in an epoch: grad_accum micro-batches each, and the epoch's last step takes what is left."""
+        return math.ceil(self._micro_batches_per_epoch() / self.cfg.train.grad_accum)
 
     def _total_steps(self) -> int:
         t = self.cfg.train
         if t.max_steps:
             return t.max_steps
-        return max(1, math.ceil(t.epochs * self._micro_batches_per_epoch() / t.grad_accum))
+        return max(1, math.ceil(t.epochs * self._steps_per_epoch()))
 
     # ------------------------------------------------------------------ data
 
     def _micro_batches(self):
-        """Yield (epoch, index in epoch, batch) from the saved position onwards, forever.
+        """Yield (epoch, index in epoch, batch, real) from the saved position onwards, forever.
 
         The seeded plan is one of global batches, batch_size x num_processes examples each, and process r
         takes the r-th slice of each. So N processes at batch_size B see, step by step, exactly the examples
         one process sees at batch_size N x B (length grouping and the short last batch included), and the
-        loss normalisation in train() makes their gradients equal too. A last batch smaller than the process
-        count is dropped: every process must run every step.
+        loss normalisation in train() makes their gradients equal too.
+
+        Every process must run every micro-batch (DDP reduces gradients in each backward). When a short last
+        batch has fewer examples than there are processes, a process left without one runs a stand-in: an
+        example of that batch with every label ignored, so it adds nothing to the loss, the gradient or the
+        target count, and real=False keeps its tokens out of tokens/s. (Dropping that batch instead would
+        make N processes train on other examples than one process does.)
         """
         t = self.cfg.train
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         epoch, start = self.state["epoch"], self.state["batch_in_epoch"]
         while True:
             plan = batch_plan(self.lengths, t.batch_size * world, t.seed, epoch, t.group_by_length)
-            plan = [b[rank * len(b) // world : (rank + 1) * len(b) // world] for b in plan if len(b) >= world]
             for i in range(start, len(plan)):
-                batch = collate([self.features.train[j] for j in plan[i]], self.tokenizer.pad_token_id)
-                yield epoch, i, {k: self._to_device(v) for k, v in batch.items()}
+                mine = plan[i][rank * len(plan[i]) // world : (rank + 1) * len(plan[i]) // world]
+                batch = collate([self.features.train[j] for j in mine or plan[i][:1]], self.tokenizer.pad_token_id)
+                if not mine:
+                    batch["labels"].fill_(IGNORE_INDEX)
+                yield epoch, i, {k: self._to_device(v) for k, v in batch.items()}, bool(mine)
             epoch, start = epoch + 1, 0
+
+    def _next_step(self, micro) -> list:
+        """The micro-batches of one optimizer step: grad_accum of them, but a step never spans two epochs.
+
+        The epoch's last step takes the micro-batches that are left, so each epoch is a whole number of steps
+        and accumulation over B-example micro-batches sees the same examples per step as one B x grad_accum
+        batch would (the plan is one shuffled order cut into batches; without length grouping the cuts agree).
+        """
+        last = self._micro_batches_per_epoch() - 1
+        group = [next(micro)]
+        while len(group) < self.cfg.train.grad_accum and group[-1][1] != last:
+            group.append(next(micro))
+        return group
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         """On CUDA, copy from pinned memory without blocking, so the copy overlaps the previous step's kernels.
@@ -225,7 +257,7 @@ class FineTune:
     def _loss_count(self, batch: dict) -> torch.Tensor:
         """What a micro-batch's loss is summed over: examples for classification, target tokens for LM."""
         if self.cfg.task == "classification":
-            return torch.tensor(batch["labels"].numel(), device=self.device)
+            return (batch["labels"] != IGNORE_INDEX).sum()  # a stand-in's label is ignored (see _micro_batches)
         return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
     # ------------------------------------------------------------------ train
@@ -240,14 +272,14 @@ class FineTune:
         segment_start = time.perf_counter()
         with progress:
             while self.state["step"] < self.total_steps:
-                group = [next(micro) for _ in range(t.grad_accum)]
-                counts = [self._loss_count(b) for _, _, b in group]
+                group = self._next_step(micro)
+                counts = [self._loss_count(b) for _, _, b, _ in group]
                 # The step's loss is sum(loss) / (targets across all micro-batches and all ranks). DDP averages
                 # gradients over ranks, so multiplying by world size leaves exactly sum / global count.
                 global_count = acc.reduce(torch.stack(counts).sum(), reduction="sum")
                 scale = acc.num_processes / global_count.clamp(min=1)
                 step_loss_sum, step_tokens = 0.0, 0
-                for i, (_, _, batch) in enumerate(group):
+                for i, (_, _, batch, real) in enumerate(group):
                     sync = i == len(group) - 1
                     acc.sync_gradients = sync  # DeepSpeed reduces and steps only when this is set
                     with contextlib.nullcontext() if sync else acc.no_sync(self.model):
@@ -257,7 +289,7 @@ class FineTune:
                         with record_function("tunelab.backward"):
                             acc.backward(out.loss_sum * scale * self.loss_multiplier)
                     step_loss_sum += float(out.loss_sum.detach())
-                    step_tokens += int(batch["attention_mask"].sum())
+                    step_tokens += int(batch["attention_mask"].sum()) if real else 0
                 # Each process saw only its slice: sum the slices, so loss and tokens/s describe the whole step.
                 step_loss_sum, step_tokens = acc.reduce(
                     torch.tensor([step_loss_sum, step_tokens], dtype=torch.float64, device=self.device), reduction="sum"
@@ -272,7 +304,7 @@ class FineTune:
                     self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
 
-                epoch, index, _ = group[-1]
+                epoch, index, _, _ = group[-1]
                 self.state.update(step=self.state["step"] + 1, epoch=epoch, batch_in_epoch=index + 1)
                 step = self.state["step"]
                 loss = window["loss_sum"] / max(window["count"], 1)
