@@ -197,3 +197,68 @@ def test_cli_export_prints_the_parity_and_refuses_in_one_line(serve_runs, tmp_pa
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and "--format adapter" in bad.stderr
     assert not (tmp_path / "f").exists()
+
+
+@pytest.mark.parametrize("name,quantize", [("sentiment-lora", "int8"), ("chat-lora", None), ("text-lora", "int8")])
+def test_onnx_export_runs_in_onnxruntime_like_torch(serve_runs, tmp_path, name, quantize):
+    import onnxruntime as ort
+
+    from tunelab.inference.trained import TrainedModel
+
+    out = tmp_path / "onnx"
+    record = export(serve_runs[name], "onnx", out, quantize=quantize)
+    assert record["parity"]["onnx"]["max_abs_logit_diff"] < 1e-3
+    assert record["speed"]["torch_s"] > 0 and record["speed"]["onnx_s"] > 0
+    if quantize:
+        int8 = record["parity"]["onnx-int8"]
+        assert int8["passed"] and (out / "model.int8.onnx").is_file() and record["speed"]["onnx_int8_s"] > 0
+        assert ("accuracy_after" in int8) == (name.startswith("sentiment"))
+        assert (out / "model.int8.onnx").stat().st_size < 0.6 * (out / "model.onnx").stat().st_size
+    # Independently of tunelab's parity code: onnxruntime on the file against the run's torch model.
+    run = TrainedModel(serve_runs[name])
+    enc = run.tokenizer(["the film was long", "a fine day"], return_tensors="pt", padding=True)
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(["logits"], {"input_ids": enc["input_ids"].numpy(), "attention_mask": enc["attention_mask"].numpy()})[0]
+    with torch.inference_mode():
+        want = run.model(enc["input_ids"], enc["attention_mask"]).logits
+    real = enc["attention_mask"].bool() if want.dim() == 3 else slice(None)
+    assert (torch.from_numpy(got)[real] - want[real]).abs().max() < 1e-3
+
+
+def test_onnx_refuses_what_cannot_merge_and_gguf_only_quantizes_itself(serve_runs, tmp_path):
+    with pytest.raises(TunelabError, match="--format onnx: method 'prefix' cannot be merged"):
+        export(serve_runs["chat-prefix"], "onnx", tmp_path / "o")
+    with pytest.raises(TunelabError, match="not offered for --format gguf .gguf always writes F16 and Q8_0."):
+        export(serve_runs["chat-lora"], "gguf", tmp_path / "o", quantize="int8")
+    assert leftovers(tmp_path) == []
+
+
+def test_gguf_round_trips_through_transformers_gguf_reader(serve_runs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.inference.trained import TrainedModel
+
+    out = tmp_path / "gguf"
+    record = export(serve_runs["chat-lora"], "gguf", out)
+    f16, q8 = record["parity"]["gguf-f16"], record["parity"]["gguf-q8_0"]
+    assert f16["passed"] and q8["passed"] and f16["tokenizer_agreement"] == 1.0
+    assert f16["relative_logit_diff"] < q8["relative_logit_diff"]  # 8-bit blocks round more than F16
+    assert (out / "model-q8_0.gguf").stat().st_size < 0.7 * (out / "model-f16.gguf").stat().st_size
+    run = TrainedModel(serve_runs["chat-lora"])
+    ids = run.tokenizer(["Repeat the word river."], return_tensors="pt")
+    back = AutoModelForCausalLM.from_pretrained(out, gguf_file="model-f16.gguf").eval()
+    with torch.inference_mode():
+        want = run.model(ids["input_ids"], ids["attention_mask"]).logits
+        got = back(**ids).logits
+    assert (got - want).abs().max() / want.abs().max() < 0.02
+
+
+def test_gguf_without_the_rotary_permutation_is_refused(serve_runs, tmp_path, monkeypatch):
+    """Negative control: the mistake a hand-written converter makes; the round trip must catch it."""
+    from tunelab.export import ParityError, gguf_format
+
+    monkeypatch.setattr(gguf_format, "_permute", lambda weight, heads: weight)
+    with pytest.raises(ParityError, match="gguf-f16 export refused: parity check '(relative_logit_diff|perplexity_"
+                                          "increase)'"):
+        export(serve_runs["chat-lora"], "gguf", tmp_path / "g")
+    assert leftovers(tmp_path) == []

@@ -142,6 +142,7 @@ def verify_files(path: str | Path, record: dict) -> None:
             raise TunelabError(f"{path}: {name} is missing (listed in {EXPORT_JSON})")
         if sha256(file) != digest:
             raise TunelabError(f"{path}: {name} does not match its sha256 in {EXPORT_JSON} (changed after export)")
-    extra = [n for n in file_hashes(path) if n not in record["files"]]
+    extra = [str(p.relative_to(path)) for p in sorted(path.rglob("*"))
+             if p.is_file() and p.name != EXPORT_JSON and str(p.relative_to(path)) not in record["files"]]
     if extra:
         raise TunelabError(f"{path}: {extra[0]} is not listed in {EXPORT_JSON} (added after export)")

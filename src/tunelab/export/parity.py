@@ -43,8 +43,10 @@ FORMAT_GATES: dict[str, list[tuple[str, float, str]]] = {
     "onnx": [("max_abs_logit_diff", 1e-3, "max")],
     "onnx-int8": [("relative_logit_diff", 0.25, "max"), ("accuracy_drop", 0.05, "max"),
                   ("perplexity_increase", 0.10, "max")],
-    "gguf-f16": [("relative_logit_diff", 0.02, "max"), ("perplexity_increase", 0.01, "max")],
-    "gguf-q8_0": [("relative_logit_diff", 0.05, "max"), ("perplexity_increase", 0.03, "max")],
+    "gguf-f16": [("relative_logit_diff", 0.02, "max"), ("perplexity_increase", 0.01, "max"),
+                 ("tokenizer_agreement", 1.0, "min")],
+    "gguf-q8_0": [("relative_logit_diff", 0.05, "max"), ("perplexity_increase", 0.03, "max"),
+                  ("tokenizer_agreement", 1.0, "min")],
 }
 
 Logits = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (input_ids, attention_mask) -> logits
