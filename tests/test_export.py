@@ -206,12 +206,15 @@ def test_onnx_export_runs_in_onnxruntime_like_torch(serve_runs, tmp_path, name, 
     from tunelab.inference.trained import TrainedModel
 
     out = tmp_path / "onnx"
-    record = export(serve_runs[name], "onnx", out, quantize=quantize)
+    # The tiny classifier's 16 test examples: one flipped prediction is a 0.0625 accuracy drop.
+    record = export(serve_runs[name], "onnx", out, quantize=quantize, max_quality_loss=0.2)
     assert record["parity"]["onnx"]["max_abs_logit_diff"] < 1e-3
     assert record["speed"]["torch_s"] > 0 and record["speed"]["onnx_s"] > 0
     if quantize:
         int8 = record["parity"]["onnx-int8"]
         assert int8["passed"] and (out / "model.int8.onnx").is_file() and record["speed"]["onnx_int8_s"] > 0
+        assert {c["check"]: c["limit"] for c in int8["checks"]} == {"accuracy_drop" if name.startswith("sentiment")
+                                                                    else "perplexity_increase": 0.2}
         assert ("accuracy_after" in int8) == (name.startswith("sentiment"))
         assert (out / "model.int8.onnx").stat().st_size < 0.6 * (out / "model.onnx").stat().st_size
     # Independently of tunelab's parity code: onnxruntime on the file against the run's torch model.

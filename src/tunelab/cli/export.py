@@ -20,6 +20,9 @@ def export(
                                            "quantization, its quality change and speed measured."),
     inputs: Optional[Path] = typer.Option(None, "--inputs", help="Held-out examples (the run's data format) to "
                                           "measure parity on; default: the run's data.test."),
+    max_quality_loss: Optional[float] = typer.Option(None, "--max-quality-loss", min=0.0, help="Quantized formats "
+                                                     "(onnx int8, gguf): the accuracy drop or relative perplexity "
+                                                     "increase to accept; default 0.05/0.10 (onnx), 0.01/0.05 (gguf)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing folder at --output (only once "
                                    "the new export passed)."),
 ):
@@ -28,7 +31,8 @@ def export(
 
     quiet_libraries()
     record = export_run(run_dir, format, output, quantize, str(inputs) if inputs else None, overwrite,
-                        say=lambda line: err.print(f"[dim]{line}[/]", highlight=False))
+                        say=lambda line: err.print(f"[dim]{line}[/]", highlight=False),
+                        max_quality_loss=max_quality_loss)
     for name, report in record["parity"].items():
         checks = ", ".join(f"{c['check']} {c['value']:.3g} (limit {c['limit']:.3g})" for c in report["checks"])
         quality = ""

@@ -145,7 +145,7 @@ def _load_back(folder: Path, file: str):
     return model, AutoTokenizer.from_pretrained(folder, gguf_file=file)
 
 
-def write_gguf(trained, ref_fn, inputs, out: Path, record: dict, say) -> dict:
+def write_gguf(trained, ref_fn, inputs, out: Path, record: dict, say, max_quality_loss: float | None = None) -> dict:
     """Write both files, load each back through transformers and gate its parity; returns the parity reports."""
     if importlib_missing("gguf"):
         raise TunelabError("--format gguf needs the gguf package: pip install 'tunelab[export]'")
@@ -171,7 +171,7 @@ def write_gguf(trained, ref_fn, inputs, out: Path, record: dict, say) -> dict:
         same = sum(gguf_tokenizer(t, add_special_tokens=False)["input_ids"] ==
                    tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts)
         report["tokenizer_agreement"] = same / max(len(texts), 1)
-        reports[f"gguf-{kind}"] = gate(report, f"gguf-{kind}")
+        reports[f"gguf-{kind}"] = gate(report, f"gguf-{kind}", max_quality_loss)
         del model
     record["notes"]["gguf"] = {
         "files": FILES, "architecture": "llama", "verified_with": "transformers GGUF reader (dequantized to fp32)",

@@ -102,7 +102,8 @@ def quantize_int8(src: Path, dst: Path) -> None:
     quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
 
 
-def write_onnx(load_copy, ref_fn, inputs, out: Path, quantize: str | None, record: dict, say) -> dict:
+def write_onnx(load_copy, ref_fn, inputs, out: Path, quantize: str | None, record: dict, say,
+               max_quality_loss: float | None = None) -> dict:
     """Export, load back in onnxruntime, gate parity (and int8 quality); returns the parity reports."""
     _require()
     trained = load_copy()
@@ -134,7 +135,7 @@ def write_onnx(load_copy, ref_fn, inputs, out: Path, quantize: str | None, recor
         say(f"quantizing to {INT8_FILE} (onnxruntime dynamic int8)")
         quantize_int8(out / MODEL_FILE, out / INT8_FILE)
         int8 = session_logits(session(out / INT8_FILE))
-        reports["onnx-int8"] = gate(measure(ref_fn, int8, inputs), "onnx-int8")
+        reports["onnx-int8"] = gate(measure(ref_fn, int8, inputs), "onnx-int8", max_quality_loss)
         speed["onnx_int8_s"] = time_logits(int8, inputs)
     for key in [k for k in speed if k.startswith("onnx") and k.endswith("_s")]:
         speed[key.replace("_s", "_speedup_vs_torch")] = speed["torch_s"] / max(speed[key], 1e-9)

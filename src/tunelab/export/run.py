@@ -45,9 +45,10 @@ def check_request(run_dir: str | Path, fmt: str, quantize: str | None) -> None:
 
 def export_run(run_dir: str | Path, fmt: str, output: str | Path, quantize: str | None = None,
                inputs_file: str | None = None, overwrite: bool = False,
-               say: Callable[[str], None] = lambda line: None) -> dict:
+               say: Callable[[str], None] = lambda line: None, max_quality_loss: float | None = None) -> dict:
     """Export a finished run; returns the export.json record. Raises TunelabError (ParityError when a parity
-    gate fails), leaving nothing at `output`."""
+    gate fails), leaving nothing at `output`. max_quality_loss: replaces the accuracy-drop and perplexity-increase
+    limits of the quantized formats (onnx int8, gguf), for a user who accepts more (or less)."""
     check_request(run_dir, fmt, quantize)
     output = Path(output)
     say(f"loading the run's model from {run_dir} (the reference)")
@@ -56,7 +57,7 @@ def export_run(run_dir: str | Path, fmt: str, output: str | Path, quantize: str 
     ref_fn = reference_logits(reference)
     cfg, labels = reference.cfg, reference.labels
     record = {
-        "format": fmt, "quantize": quantize, "source": source_record(reference),
+        "format": fmt, "quantize": quantize, "max_quality_loss": max_quality_loss, "source": source_record(reference),
         "tokenizer": tokenizer_record(reference), "labels": labels, "classifier": classifier_record(reference),
         "notes": {},
     }
@@ -78,11 +79,12 @@ def export_run(run_dir: str | Path, fmt: str, output: str | Path, quantize: str 
         elif fmt == "onnx":
             from tunelab.export.onnx_format import write_onnx
 
-            parity = write_onnx(lambda: load_run(run_dir), ref_fn, inputs, tmp, quantize, record, say)
+            parity = write_onnx(lambda: load_run(run_dir), ref_fn, inputs, tmp, quantize, record, say,
+                                max_quality_loss)
         else:
             from tunelab.export.gguf_format import write_gguf
 
-            parity = write_gguf(load_run(run_dir), ref_fn, inputs, tmp, record, say)
+            parity = write_gguf(load_run(run_dir), ref_fn, inputs, tmp, record, say, max_quality_loss)
         record["parity"] = parity
         say(f"parity passed; writing {output}")
         return publish(tmp, output, record)
