@@ -8,7 +8,7 @@ hits them alike); the table gives the median and the spread (min-max) over round
     batch-1     `tunelab serve --max-batch 1`, the same 16 clients: every request runs alone
     pipeline    transformers pipeline(...) in this process, one request after another (no HTTP at all)
 
-Classification: SST-2 test sentences, one per request (requests/s). The pipeline row is a
+Classification: SST-2 test sentences (or --classify-data), one per request (requests/s). The pipeline row is a
 "feature-extraction" pipeline on the run's backbone followed by the run's own pooling and head (a tunelab
 classifier is not an AutoModelForSequenceClassification).
 Generation: Alpaca test instructions, chat template applied, 64 new tokens at most, greedy (generated
@@ -41,8 +41,8 @@ from serve_load import ROOT, cpu_name, drive, loadavg, results_path, start_serve
 CLIENTS = 16
 
 
-def workloads(n_classify: int, n_generate: int, max_tokens: int):
-    texts = [json.loads(x)["text"] for x in (ROOT / "data/sst2/test.jsonl").read_text().splitlines()][:n_classify]
+def workloads(n_classify: int, n_generate: int, max_tokens: int, classify_data: str = "data/sst2/test.jsonl"):
+    texts = [json.loads(x)["text"] for x in (ROOT / classify_data).read_text().splitlines()][:n_classify]
     asks = [json.loads(x)["instruction"] for x in (ROOT / "data/alpaca_2k/test.jsonl").read_text().splitlines()]
     asks = asks[:n_generate]
     classify = [("classify", "/v1/classify", {"model": "classifier", "input": t}) for t in texts]
@@ -115,12 +115,15 @@ def main(argv=None) -> None:
     ap.add_argument("--classify-requests", type=int, default=320)
     ap.add_argument("--generate-requests", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--classify-data", default="data/sst2/test.jsonl",
+                    help="texts to classify (the classifier's own data.max_length truncates them)")
     ap.add_argument("--tasks", nargs="+", choices=["classify", "generate"], default=["classify", "generate"])
     ap.add_argument("--results", default="serve_batching")
     ap.add_argument("--plot", default=None, help="also draw the results as a PNG here (docs/img/serve-batching.png)")
     args = ap.parse_args(argv)
 
-    texts, asks, classify, generate = workloads(args.classify_requests, args.generate_requests, args.max_tokens)
+    texts, asks, classify, generate = workloads(args.classify_requests, args.generate_requests, args.max_tokens,
+                                                 args.classify_data)
     sources = [f"classifier={args.classifier}", f"generator={args.generator}"]
     before = loadavg()
     batched, url_b = start_server(sources, "--max-batch", "16", "--batch-window-ms", "10")
@@ -150,7 +153,7 @@ def main(argv=None) -> None:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(shlex.quote(a) for a in sys.argv), "cpu": cpu_name(), "cores": os.cpu_count(),
         "loadavg_before": before, "loadavg_after": loadavg(), "clients": CLIENTS,
-        "classify_requests": len(classify), "generate_requests": len(generate), "max_tokens": args.max_tokens,
+        "classify_data": args.classify_data, "classify_requests": len(classify), "generate_requests": len(generate), "max_tokens": args.max_tokens,
         "setups": {k: {m: spread(v) for m, v in r.items() if v} for k, r in rows.items()},
     }
     ratio = lambda metric, a, b: [x / y for x, y in zip(rows[a][metric], rows[b][metric])]  # noqa: E731  paired per round

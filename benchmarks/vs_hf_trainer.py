@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # hf_recipe.py beside this file, also when loaded by path
 
 from hf_recipe import headline, run_hf  # noqa: E402
+from rounds import paired_table, run_order, spread_cell, summarise  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results" / "vs_hf_trainer.md"
 
 
@@ -133,6 +134,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora-alpha", type=float, default=16)
     p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--lora-targets", help="comma-separated module names or all-linear (default: the workload's)")
+    p.add_argument("--repeats", type=int, default=3, help="rounds of every setup: medians and paired ratios")
     p.add_argument("--setups", default=",".join(SETUPS), help=f"comma-separated subset of {', '.join(SETUPS)}")
     p.add_argument("--ablation", action="store_true", help="tunelab only: toggle one switch at a time")
     p.add_argument("--switches", help=f"ablation rows (default: all that apply): {', '.join(SWITCHES)}")
@@ -151,6 +153,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.train_samples = args.train_samples or 32
         args.eval_samples = args.eval_samples or 32
         args.max_steps = args.max_steps or 3
+        args.repeats = 1
     args.train_samples = args.train_samples or w.train_samples
     args.eval_samples = args.eval_samples or w.eval_samples
     args.batch_size = args.batch_size or w.batch_size
@@ -428,7 +431,7 @@ def compare_tables(w: Workload, rows: dict[str, dict]) -> list[str]:
             continue
         lines.append(
             f"| {SETUPS[name]} | {row['precision']} | {row['trainable_params']:,} | {row['steps']:,} | "
-            f"{row['real_tokens']:,} | {fmt(row['real_tokens_per_s'])} | {fmt(row['wall_s'], ',.1f')} s | "
+            f"{row['real_tokens']:,} | {speed_cell(row)} | {fmt(row['wall_s'], ',.1f')} s | "
             f"{human_bytes(row['peak_memory_bytes'])} | "
             f"{eval_cell(row)} | {mfu_cell(row)} |"
         )
@@ -445,6 +448,11 @@ def compare_tables(w: Workload, rows: dict[str, dict]) -> list[str]:
                 f"{ratio(ours['peak_memory_bytes'], base['peak_memory_bytes'])} |"
             )
     return lines
+
+
+def speed_cell(row: dict) -> str:
+    runs = row.get("speed_runs")
+    return fmt(row["real_tokens_per_s"]) if not runs or len(runs) == 1 else spread_cell(runs, ",.0f", "")
 
 
 def ablation_table(w: Workload, rows: dict[str, dict]) -> list[str]:
@@ -557,7 +565,13 @@ def main(argv: list[str] | None = None) -> None:
         title = "tunelab ablation (one switch at a time from the tuned config)"
         table = ablation_table(w, rows)
     else:
-        rows = {s: spawn(args, s) for s in SETUPS if s in args.setups.split(",")}
+        names = [s for s in SETUPS if s in args.setups.split(",")]
+        rounds = []
+        for i in range(max(1, args.repeats)):
+            print(f"\n##### round {i + 1} of {args.repeats}", file=sys.stderr, flush=True)
+            ran = {s: spawn(args, s) for s in run_order(names, i)}
+            rounds.append({s: ran[s] for s in names})
+        rows = summarise(rounds)
         add_mfu(rows, flops)
         notes = list(SETUP_NOTES)
         seen = set()
@@ -568,11 +582,17 @@ def main(argv: list[str] | None = None) -> None:
                     seen.add(n)
         title = "tunelab vs HF Trainer"
         table = compare_tables(w, rows)
+        if len(rounds) > 1:  # the single-run ratio table gives way to ratios paired within each round
+            cut = next((i for i, line in enumerate(table) if line.startswith("| tunelab ÷")), len(table))
+            table = table[:max(0, cut - 1)] + ["", *paired_table(rounds, SETUPS)]
+            notes.insert(0, f"- {len(rounds)} rounds, each running every setup once in alternating order; a row is "
+                         "the setup's median-speed run; its tokens/s cell, the median (min-max) over rounds.")
     record = {
         "workload": w.name, "machine": machine, "workload_line": workload_line(w, args, flops),
         "budget": {k: getattr(args, k) for k in ("train_samples", "eval_samples", "epochs", "max_steps", "batch_size",
                                                  "seed", "lora_rank", "lora_alpha", "lora_dropout")},
         "lora_targets": args.lora_targets, "workload_spec": asdict(w), "flops_per_token": flops, "rows": rows,
+        "rounds": rounds if not args.ablation else None,
     }
     write_results(args, title, table, notes, record)
 

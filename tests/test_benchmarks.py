@@ -84,3 +84,20 @@ def test_vs_hf_trainer_smoke_writes_the_table(tmp_path):
     # Same seeded data and budget: every setup trains the same real tokens.
     assert len({row["real_tokens"] for row in record["rows"].values()}) == 1
     assert "SMOKE TEST" in out.read_text()
+
+
+def test_rounds_give_medians_and_paired_ratios():
+    """--repeats: a row is the median-speed run, and ratios are paired within a round, with their spread."""
+    rounds_mod = _load("rounds")
+    rounds = [{"hf-best": _row(100, 10, 2**30), "tunelab": _row(120, 8, 2**30)},
+              {"hf-best": _row(50, 20, 2**30), "tunelab": _row(55, 18, 2**30)},    # a loaded round: both slow
+              {"hf-best": _row(110, 9, 2**30), "tunelab": _row(99, 11, 2**30)}]
+    rows = rounds_mod.summarise(rounds)
+    assert rows["tunelab"]["real_tokens_per_s"] == 99 and rows["tunelab"]["speed_runs"] == [120, 55, 99]
+    assert rounds_mod.paired_ratios(rounds, "tunelab", "hf-best") == [1.2, 1.1, 0.9]
+    table = "\n".join(rounds_mod.paired_table(rounds, vs.SETUPS))
+    assert "| best HF Trainer setup | 1.10x (0.90-1.20x, 3 runs) |" in table
+    # Unpaired medians would say 99/100 = 0.99x: pairing keeps the loaded round from mixing into the ratio.
+    assert rounds_mod.run_order(["a", "b"], 1) == ["b", "a"]
+    failed = rounds_mod.summarise([{"x": _row(1, 1, 1)}, {"x": {"error": "exit status 1"}}])
+    assert failed["x"]["error"].startswith("exit status 1 (in 1 of 2 rounds)")
