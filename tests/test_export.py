@@ -236,6 +236,7 @@ def test_onnx_refuses_what_cannot_merge_and_gguf_only_quantizes_itself(serve_run
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.slow  # both files loaded back and compared: ~70 s; the refusal test below runs the same path fast
 def test_gguf_round_trips_through_transformers_gguf_reader(serve_runs, tmp_path):
     from transformers import AutoModelForCausalLM
 
