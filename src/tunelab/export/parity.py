@@ -183,8 +183,8 @@ def gate(report: dict, gate_name: str, max_quality_loss: float | None = None) ->
     for c in checks:
         if not c["passed"]:
             raise ParityError(
-                f"{gate_name} export refused: parity check '{c['check']}' is {c['value']:.3g}, must be "
-                f"{c['must_be']} {c['limit']:.3g} (measured on {report['inputs']} held-out inputs from "
+                f"{gate_name} export refused: parity check '{c['check']}' is {c['value']:.4g}, must be "
+                f"{c['must_be']} {c['limit']:.4g} (measured on {report['inputs']} held-out inputs from "
                 f"{report['source']}); nothing was written"
             )
     return report
