@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from tunelab.experiments.compare import plan_comparison, run_comparison
-from tunelab.errors import ConfigError
+from tunelab.errors import ConfigError, TunelabError
+from tunelab.runtime.run_dir import RunDir
 
 from conftest import make_config
 
@@ -98,3 +99,105 @@ def test_failed_technique_is_reported_and_the_others_still_run(compare_config, t
     for text in ("accuracy", "peak memory (measured)", "broken", "failed", "Best on quality", "Did not complete"):
         assert text in printed, text
     assert re.search(r"\d MiB|\d GiB", printed), "memory in binary units, not raw bytes"
+
+
+def test_each_technique_takes_only_the_base_method_knobs_that_apply_to_it(compare_config):
+    """A LoRA config compared with full fine-tuning: full gets its defaults (no rank), the LoRA family shares the
+    knobs, ia3 keeps its own defaults; per_method still wins."""
+    path = compare_config(method={"name": "lora", "rank": 4, "alpha": 8, "dropout": 0.0, "use_dora": False},
+                          compare={"per_method": {"qlora": {"method": {"rank": 2}}}})
+    configs, _ = plan_comparison(path, ["full", "lora", "dora", "qlora", "ia3"], [])
+    assert configs["full"].method.model_dump() == {"name": "full"}
+    assert (configs["lora"].method.rank, configs["lora"].method.alpha) == (4, 8)
+    assert (configs["dora"].method.rank, configs["dora"].method.alpha, configs["dora"].method.use_dora) == (4, 8, True)
+    assert (configs["qlora"].method.rank, configs["qlora"].method.alpha) == (2, 8)
+    assert configs["ia3"].method == type(configs["ia3"].method)()  # every knob its default
+
+
+def test_base_method_knobs_without_a_technique_name_are_one_line(compare_config):
+    with pytest.raises(ConfigError, match=r"method\.rank is set but method\.name is not.*compare\.per_method"):
+        plan_comparison(compare_config(method={"rank": 4}), ["full", "lora"], [])
+    with pytest.raises(ConfigError, match=r"method 'full'.*'method\.rank' is not known.*compare\.per_method\.full\.method"):
+        plan_comparison(compare_config(compare={"per_method": {"full": {"method": {"rank": 4}}}}), ["full"], [])
+
+
+@pytest.fixture
+def in_process_trials(monkeypatch):
+    """run_trial without a process per technique (fast: torch is already loaded here); records each call."""
+    from rich.console import Console
+
+    from tunelab.experiments import compare as compare_module
+    from tunelab.train.run import run_training
+
+    calls = []
+
+    def trial(cfg, console, on_eval=None, resume_dir=None):
+        calls.append((cfg.output.name, resume_dir is not None))
+        return run_training(cfg, resume_dir, Console(stderr=True))[1]
+
+    monkeypatch.setattr(compare_module, "run_trial", trial)
+    return calls
+
+
+def test_rerun_keeps_completed_techniques_and_resumes_the_stopped_one(compare_config, in_process_trials, capsys,
+                                                                      monkeypatch):
+    from rich.console import Console
+
+    from tunelab.train import loop as loop_module
+
+    per = {"lora": {"train": {"max_steps": 4, "save_every": 2}}}
+    path = compare_config(compare={"methods": ["ia3", "lora"], "per_method": per})
+    real_save = loop_module.FineTune._save_checkpoint
+
+    def save_then_ctrl_c(self, *args):
+        real_save(self, *args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop_module.FineTune, "_save_checkpoint", save_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        run_comparison(path, None, [], Console(stderr=True))
+    compare_dir = path.parent / "runs" / "cmp"
+    assert RunDir(compare_dir / "lora").status() == "interrupted"
+    monkeypatch.setattr(loop_module.FineTune, "_save_checkpoint", real_save)
+    capsys.readouterr()
+
+    _, entries = run_comparison(path, None, [], Console(stderr=True))
+    err = capsys.readouterr().err
+    assert in_process_trials == [("ia3", False), ("lora", False), ("lora", True)]
+    assert "ia3: completed earlier under the same config and data; kept, not trained again" in err
+    assert "lora: the earlier attempt interrupted; resuming it" in err and "resumed from" in err
+    assert [(e["method"], e["status"]) for e in entries] == [("ia3", "completed"), ("lora", "completed")]
+
+    # Once more: nothing trains at all.
+    _, entries = run_comparison(path, None, [], Console(stderr=True))
+    assert len(in_process_trials) == 3 and all(e.get("reused") for e in entries)
+
+    # A completed technique is never replaced by another config's run: one line, before anything trains.
+    with pytest.raises(TunelabError, match=r"cmp/ia3 completed under another config or data; set output\.name"):
+        run_comparison(path, None, ["train.seed=1"], Console(stderr=True))
+    assert len(in_process_trials) == 3
+
+
+def test_a_second_compare_on_the_same_output_is_refused(compare_config, in_process_trials):
+    from filelock import FileLock
+    from rich.console import Console
+
+    path = compare_config(compare={"methods": ["ia3"]})
+    compare_dir = path.parent / "runs" / "cmp"
+    compare_dir.mkdir(parents=True)
+    with FileLock(str(compare_dir / ".lock")):  # another compare holds it
+        with pytest.raises(TunelabError, match="another tunelab compare is running on it"):
+            run_comparison(path, None, [], Console(stderr=True))
+    assert in_process_trials == []
+    run_comparison(path, None, [], Console(stderr=True))  # ... and once it is released, this one runs
+    assert in_process_trials == [("ia3", False)]
+
+
+def test_compare_into_a_folder_that_is_no_comparison_is_refused(compare_config, in_process_trials):
+    from rich.console import Console
+
+    path = compare_config(compare={"methods": ["ia3"]})
+    (path.parent / "runs" / "cmp").mkdir(parents=True)
+    (path.parent / "runs" / "cmp" / "notes.txt").write_text("mine")
+    with pytest.raises(TunelabError, match="holds no comparison"):
+        run_comparison(path, None, [], Console(stderr=True))

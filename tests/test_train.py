@@ -71,7 +71,7 @@ def test_resumed_run_equals_uninterrupted(tiny_run, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         tiny_run("interrupted", **sections)
     run_path = straight.path.parent / "interrupted"
-    assert json.loads((run_path / "manifest.json").read_text())["status"] == "failed"
+    assert json.loads((run_path / "manifest.json").read_text())["status"] == "interrupted"
     assert not (run_path / "metrics.json").exists() and not (run_path / "model").exists()
     assert [p.name for p in (run_path / "checkpoints").iterdir()] == ["step-000003"]
 

@@ -350,3 +350,68 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 
 def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- multi-task runs
+
+
+class TaskSpec(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="The task's name: its folder under tasks/ and its --task tag.")
+    data: DataConfig = Field(description="This task's own data section: files, columns, max_length, subsets.")
+    loss_weight: float = Field(1.0, gt=0, description="Multiplies this task's loss: >1 = its gradients count more.")
+
+
+class SamplingConfig(_Section):
+    strategy: Literal["proportional", "temperature", "round_robin"] = Field(
+        "proportional",
+        description="Which task each step trains: proportional to training-set size, proportional to size^(1/T) "
+        "(temperature), or each task in turn (round_robin).")
+    temperature: float = Field(2.0, ge=1.0, description="T for temperature sampling: 1 = proportional, large = uniform.")
+
+
+class MultiTaskConfig(_Section):
+    """A `tasks:` config: one backbone adapter shared by every task, one classification head per task."""
+
+    task: Literal["classification"] = "classification"
+    model: ModelConfig
+    method: MethodConfig = Field(default_factory=lambda: METHODS["full"].config_class())
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    track: TrackConfig = Field(default_factory=TrackConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    tasks: list[TaskSpec] = Field(min_length=2, description="Two or more tasks, each with its own data and labels.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    baselines: dict[str, str] = Field(
+        default_factory=dict, description="Task name -> a single-task run directory to compare with in the report.")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> MultiTaskConfig:
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tasks: two tasks share a name ({', '.join(names)})")
+        unknown = sorted(set(self.baselines) - set(names))
+        if unknown:
+            raise ValueError(f"baselines: {', '.join(unknown)} is not a task name ({', '.join(names)})")
+        if self.train.max_steps is None:
+            raise ValueError("train.max_steps is required with tasks: the budget is counted in steps over all tasks")
+        return self
+
+    def task_config(self, spec: TaskSpec) -> RunConfig:
+        """The single-task config of one task: what its run directory under tasks/ records."""
+        raw = self.model_dump(mode="json", exclude={"tasks", "sampling", "baselines"})
+        raw["data"] = spec.data.model_dump(mode="json")
+        raw["output"]["name"] = spec.name
+        return validate_config(raw)
+
+
+def is_multitask(raw: dict) -> bool:
+    return "tasks" in raw
+
+
+def load_multitask_config(path: str | Path, overrides: list[str] | None = None) -> MultiTaskConfig:
+    path = Path(path)
+    raw = apply_overrides(read_config_file(path), overrides or [])
+    try:
+        return MultiTaskConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(f"{path}: {one_line_error(err, MultiTaskConfig, tag_nouns={'name': 'method'})}") from None

@@ -15,12 +15,25 @@ REGISTRY_HELP = "registry:NAME@ALIAS (or NAME/VERSION) from the MLflow registry"
 
 
 def resolve_source(arg: Path) -> Path:
-    """A RUN_DIR argument as given, or a registry reference resolved to its local directory (offline)."""
-    if not str(arg).startswith("registry:"):
-        return arg
-    from tunelab.track.registry import resolve_source as resolve
+    """A RUN_DIR argument as given, or a registry reference resolved to its local directory (offline).
 
-    return resolve(str(arg))
+    A `tunelab merge` folder of one task stands for that task's run; of several, the user picks one."""
+    if str(arg).startswith("registry:"):
+        from tunelab.track.registry import resolve_source as resolve
+
+        return resolve(str(arg))
+    from tunelab.runtime.run_dir import RunDir
+
+    folder = RunDir(arg)
+    if folder.is_merge():
+        tasks = folder.task_names()
+        if len(tasks) == 1:
+            return folder.task_dir(tasks[0])
+        raise TunelabError(f"{arg} merges {len(tasks)} tasks, each with its own head: give one of "
+                           + ", ".join(str(folder.task_dir(t)) for t in tasks))
+    if folder.is_router():
+        raise TunelabError(f"{arg} is a router: use tunelab predict {arg} TEXT, or one of its runs")
+    return arg
 
 
 @app.command()
@@ -28,17 +41,24 @@ def train(
     config: Optional[Path] = typer.Argument(None, help="Run config YAML (not needed with --resume)."),
     overrides: Optional[list[str]] = typer.Argument(None, help="Dotted overrides, e.g. train.lr=1e-4"),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run directory from its latest checkpoint."),
+    allow_changed_data: bool = typer.Option(False, "--allow-changed-data",
+                                            help="With --resume: go on although a data file changed since the run started."),
 ):
     """Train a model from a config; prints test metrics and the run directory."""
-    from tunelab.config import load_config
+    from tunelab.config import is_multitask, load_config, read_config_file
     from tunelab.train.run import resume_config, run_training
 
     if resume is None and config is None:
         raise TunelabError("give a config file, or --resume RUN_DIR")
     if resume is not None and (config is not None or overrides):
         raise TunelabError("a resumed run keeps its own config.yaml: give --resume RUN_DIR alone")
+    if allow_changed_data and resume is None:
+        raise TunelabError("--allow-changed-data goes with --resume RUN_DIR")
+    if config is not None and is_multitask(read_config_file(config)):
+        _train_multitask(config, overrides or [])
+        return
     cfg = resume_config(str(resume)) if resume else load_config(config, overrides or [])
-    run, metrics = run_training(cfg, str(resume) if resume else None, err)
+    run, metrics = run_training(cfg, str(resume) if resume else None, err, allow_changed_data=allow_changed_data)
     from tunelab.runtime.distributed import is_main_process
 
     if is_main_process():  # under accelerate launch, one report and one table, not one per process
@@ -50,6 +70,19 @@ def train(
         log_report(run.path, err)
         print_metrics(metrics, run.labels())
         out.print(f"run directory: {run.path}")
+
+
+def _train_multitask(config: Path, overrides: list[str]) -> None:
+    """A `tasks:` config: one shared adapter, a head per task (train/multitask.py)."""
+    from tunelab.config import load_multitask_config
+    from tunelab.report.adapters_report import write_multitask_report
+    from tunelab.train.multitask import train_multitask
+
+    quiet_libraries()
+    folder = train_multitask(load_multitask_config(config, overrides), err)
+    out.print(write_multitask_report(folder.path).read_text().split("\n![")[0])
+    for name in folder.task_names():
+        out.print(f"task {name}: {folder.task_dir(name)}")
 
 
 @app.command("eval")
@@ -75,16 +108,26 @@ def eval_cmd(
 
 @app.command()
 def predict(
-    run_dir: Path = typer.Argument(..., help=f"A finished classification run, or {REGISTRY_HELP}."),
+    run_dir: Path = typer.Argument(..., help=f"A finished classification run, a router folder (route build), or {REGISTRY_HELP}."),
     text: Optional[str] = typer.Argument(None, help="Text to classify."),
     file: Optional[Path] = typer.Option(None, "--file", help="One text per line (.txt), or .jsonl/.csv with 'text'."),
     output: Optional[Path] = typer.Option(None, "--output", help="Write JSONL here instead of stdout."),
+    task: Optional[str] = typer.Option(None, "--task", help="Router folders: route by this task tag instead of the router."),
 ):
-    """Classify text with a trained run; prints one JSON line per input."""
-    from tunelab.inference.trained import TrainedModel
+    """Classify text with a trained run; prints one JSON line per input (with a router: the chosen adapter too)."""
+    from tunelab.runtime.run_dir import RunDir
 
     texts = read_inputs(text, file, "text")
     quiet_libraries()
+    if RunDir(run_dir).is_router():
+        from tunelab.adapters.router import Router
+
+        write_jsonl(Router(run_dir).predict(texts, task), output)
+        return
+    if task is not None:
+        raise TunelabError("--task picks an adapter of a router folder; this is a single run")
+    from tunelab.inference.trained import TrainedModel
+
     write_jsonl(TrainedModel(resolve_source(run_dir)).predict(texts), output)
 
 

@@ -19,13 +19,27 @@ An entry of `methods` can also be a label for a variant, whose per_method sectio
 Every technique trains with the base config's data, seed and steps (its own default learning rate unless
 the base or per_method sets one), as a normal run with its own run directory inside the comparison
 directory. A technique that fails is reported with its error and the others still run.
+
+The base config's `method:` knobs belong to the technique it names. Another technique gets its own defaults
+for them, except for the knobs its own config section shares with the base's technique within one family
+(lora, dora and qlora share rank, alpha, dropout and target_modules): `method: {name: lora, rank: 4}`
+compared with `--methods full,dora` trains full fine-tuning with no rank and DoRA at rank 4. A knob for one
+technique alone goes under `compare.per_method.<technique>.method`.
+
+Running the same comparison again (same file, same output.name) resumes it: a technique whose run completed
+under the same config and data is kept and not trained again (the console says so), one that stopped
+(failed, interrupted, killed) under the same config resumes from its checkpoint, and one whose config changed
+trains again, except that a completed run is never replaced: change output.name for a new comparison. A lock
+file stops a second `tunelab compare` on the same directory.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import shutil
 import time
+import typing
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -36,6 +50,8 @@ from tunelab.config import (
 )
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.experiments.trials import TrialFailed, run_trial
+from tunelab.methods import METHODS
+from tunelab.runtime.atomic import atomic_write_json, atomic_write_text
 from tunelab.runtime.run_dir import RunDir
 from tunelab.track.tracking import parent_run
 
@@ -83,7 +99,11 @@ def plan_comparison(path: str | Path, methods: list[str] | None, overrides: list
             )
         techniques[label] = name
 
-    base_method = {k: v for k, v in (raw.get("method") or {}).items() if k != "name"}
+    base_method = raw.get("method") or {}
+    if base_method and "name" not in base_method:
+        knob = next(iter(base_method))
+        raise ConfigError(f"{path}: method.{knob} is set but method.name is not, so it belongs to no technique; "
+                          f"name one, or move it under compare.per_method.<technique>.method")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_dir = Path((raw.get("output") or {}).get("dir", "runs"))
     name = (raw.get("output") or {}).get("name") or f"compare-{stamp}"
@@ -91,55 +111,136 @@ def plan_comparison(path: str | Path, methods: list[str] | None, overrides: list
     configs = {}
     for label in chosen:
         name = techniques[label]
-        # The base's method knobs apply only to the technique they were written for.
-        method_raw = base_method if (raw.get("method") or {}).get("name") == name else {}
-        run_raw = _merge(raw, {"method": {"name": name, **method_raw}})
+        run_raw = {**raw, "method": {"name": name, **carried_method_knobs(base_method, name)}}
         run_raw = _merge(run_raw, section.per_method.get(label, {}))
         run_raw["output"] = {"dir": str(compare_dir), "name": label}
         try:
             configs[label] = validate_config(run_raw)
         except ConfigError as err:
-            raise ConfigError(f"{path}: method '{label}': {err}") from None
+            how = (f" (a knob for '{label}' alone goes under compare.per_method.{label}.method)"
+                   if "'method." in str(err) else "")
+            raise ConfigError(f"{path}: method '{label}': {err}{how}") from None
     return configs, compare_dir
+
+
+def carried_method_knobs(base_method: dict, name: str) -> dict:
+    """The base config's `method:` knobs that technique `name` takes over: all of them when the base names
+    it; when the base names a technique of the same family (one config section extends the other, as dora's
+    and qlora's extend lora's), the knobs both declare, save those `name` fixes (dora's use_dora); else none,
+    and `name` keeps its defaults."""
+    base_name = base_method.get("name")
+    knobs = {k: v for k, v in base_method.items() if k != "name"}
+    if base_name == name:
+        return knobs
+    if base_name not in METHODS:
+        return {}
+    mine, theirs = METHODS[name].config_class, METHODS[base_name].config_class
+    if not (issubclass(mine, theirs) or issubclass(theirs, mine)):
+        return {}
+    fields = mine.model_fields
+    return {k: v for k, v in knobs.items() if k in fields and not _fixed(fields[k].annotation)}
+
+
+def _fixed(annotation) -> bool:
+    """A field that can hold one value only, e.g. Literal[True]."""
+    return typing.get_origin(annotation) is typing.Literal and len(typing.get_args(annotation)) == 1
 
 
 def run_comparison(path: str | Path, methods: list[str] | None, overrides: list[str], console: Console) -> tuple[Path, list[dict]]:
     """Each technique trains in its own process (experiments/trials.py), so each reports its own peak memory
     and a crash (out of memory included) stays inside its own technique's row."""
-    configs, compare_dir = plan_comparison(path, methods, overrides)
-    if compare_dir.exists() and any(compare_dir.iterdir()):
-        raise TunelabError(f"{compare_dir} already exists; set output.name to a new name or remove it")
-    compare_dir.mkdir(parents=True, exist_ok=True)
-    first = next(iter(configs.values()))
-    # Each technique's MLflow run is filed under one parent run, which gets the comparison report.
-    with parent_run(first.track, compare_dir.parent, compare_dir.name, "compare", console,
-                    {"compare.methods": ",".join(configs)}) as parent:
-        entries = _train_each(configs, compare_dir, console)
-        from tunelab.report import write_compare_report  # after the trials: matplotlib is no part of their process
+    from filelock import FileLock, Timeout
 
-        write_compare_report(compare_dir, entries)
-        if parent is not None:
-            parent.log_report(compare_dir, _headline_metrics(entries))
+    configs, compare_dir = plan_comparison(path, methods, overrides)
+    if compare_dir.exists() and any(compare_dir.iterdir()) and not _is_comparison(compare_dir):
+        raise TunelabError(f"{compare_dir} already exists and holds no comparison; set output.name to a new name")
+    compare_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(compare_dir / ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise TunelabError(f"{compare_dir}: another tunelab compare is running on it; wait for it to end, or set "
+                           "output.name to a new name") from None
+    try:
+        plans = {label: _earlier_attempt(RunDir(compare_dir / label), cfg) for label, cfg in configs.items()}
+        first = next(iter(configs.values()))
+        # Each technique's MLflow run is filed under one parent run, which gets the comparison report.
+        with parent_run(first.track, compare_dir.parent, compare_dir.name, "compare", console,
+                        {"compare.methods": ",".join(configs)}) as parent:
+            entries = _train_each(configs, plans, compare_dir, console)
+            from tunelab.report import write_compare_report  # after the trials: matplotlib is no part of theirs
+
+            write_compare_report(compare_dir, entries)
+            if parent is not None:
+                parent.log_report(compare_dir, _headline_metrics(entries))
+    finally:
+        lock.release()
     return compare_dir, entries
 
 
-def _train_each(configs: dict[str, RunConfig], compare_dir: Path, console: Console) -> list[dict]:
+def _is_comparison(folder: Path) -> bool:
+    """A folder a `tunelab compare` wrote (entries.json, or a technique's <label>.yaml beside its run) or holds
+    the lock of (one that has only just started)."""
+    return ((folder / "entries.json").is_file() or (folder / ".lock").exists()
+            or any((folder / p.stem).is_dir() for p in folder.glob("*.yaml")))
+
+
+def _data_files(cfg: RunConfig) -> dict[str, str | None]:
+    return {"train": cfg.data.train, "validation": cfg.data.validation, "test": cfg.data.test}
+
+
+def _earlier_attempt(run: RunDir, cfg: RunConfig) -> str:
+    """What to do with a technique's run directory from an earlier run of this comparison: "new" (there is
+    none), "keep" (completed under the same config and data), "resume" (stopped under the same config and
+    data), "restart" (stopped under another). A completed run under another config stops the comparison
+    before anything trains: it is never replaced."""
+    if not run.is_run() or not run.manifest_path.is_file():
+        return "new"
+    same = run.config_path.read_text(encoding="utf-8") == dump_config(cfg) and not run.changed_data(_data_files(cfg))
+    if run.is_complete():
+        if not same:
+            raise TunelabError(f"{run.path} completed under another config or data; set output.name to a new name "
+                               f"for a new comparison, or remove {run.path} to train it again")
+        return "keep"
+    if run.status() == "running" and run.owner_alive():
+        raise TunelabError(f"{run.path} is being trained by another process; wait for it to end")
+    return "resume" if same else "restart"
+
+
+def _train_each(configs: dict[str, RunConfig], plans: dict[str, str], compare_dir: Path,
+                console: Console) -> list[dict]:
     entries = []
     for i, (label, cfg) in enumerate(configs.items(), 1):
         console.rule(f"[bold]{i}/{len(configs)}  {label}")
-        # The exact config of each technique, beside the comparison: `tunelab train <label>.yaml` reruns it alone.
-        (compare_dir / f"{label}.yaml").write_text(dump_config(cfg), encoding="utf-8")
         run = RunDir(compare_dir / label)
         entry = {"method": label, "run_dir": str(run.path), "status": "completed", "error": None}
+        plan = plans[label]
+        if plan == "keep":
+            console.print(f"{label}: completed earlier under the same config and data; kept, not trained again "
+                          f"({run.path})", highlight=False)
+            entry["reused"] = True
+            entries.append(entry)
+            atomic_write_json(compare_dir / "entries.json", entries)
+            continue
+        if plan == "restart":
+            console.print(f"{label}: the earlier attempt ({run.status()}) had another config or data; "
+                          "training it again from the start", highlight=False)
+            shutil.rmtree(run.path)
+        elif plan == "resume":
+            console.print(f"{label}: the earlier attempt {run.status()}; resuming it", highlight=False)
+        # The exact config of each technique, beside the comparison: `tunelab train <label>.yaml` reruns it alone.
+        atomic_write_text(compare_dir / f"{label}.yaml", dump_config(cfg))
         try:
-            run_trial(cfg, console)
+            run_trial(cfg, console, resume_dir=str(run.path) if plan == "resume" else None)
         except (TunelabError, TrialFailed) as err:
             entry.update(status="failed", error=str(err).splitlines()[0] if str(err) else type(err).__name__)
             if not run.is_run():
                 entry["run_dir"] = None
+            elif run.status() in ("killed", "interrupted"):
+                entry["status"] = run.status()  # a trial killed by the out-of-memory killer reads `killed`
             console.print(f"[red]{label} failed:[/] {entry['error']}")
         entries.append(entry)
-        (compare_dir / "entries.json").write_text(json.dumps(entries, indent=2))
+        atomic_write_json(compare_dir / "entries.json", entries)
     return entries
 
 

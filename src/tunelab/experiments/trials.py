@@ -16,7 +16,8 @@ validations travel from the child to the parent over a pipe, and the parent answ
 how a sweep's pruner, which lives in the parent with the study, stops a trial.
 
 A child dies with its parent (Linux: PR_SET_PDEATHSIG): a killed sweep leaves no trial training on behind
-it, and the trial's run directory says `running` until the resumed sweep marks it failed.
+it, and the trial's run directory reads `killed` (runtime/processes.py). Ctrl-C is passed on: the trial
+records `interrupted` and the parent re-raises it (the command exits 130).
 """
 
 from __future__ import annotations
@@ -44,8 +45,10 @@ class TrialPruned(Exception):
     run directory records it as the run's error."""
 
 
-def run_trial(cfg: RunConfig, console: Console, on_eval: Callable[[int, dict], None] | None = None) -> dict:
+def run_trial(cfg: RunConfig, console: Console, on_eval: Callable[[int, dict], None] | None = None,
+              resume_dir: str | None = None) -> dict:
     """Train `cfg` in a new process and return its metrics (metrics.json), with its report written.
+    resume_dir: continue that run directory (of `cfg`) from its latest checkpoint instead of starting one.
 
     on_eval(step, metrics) runs in this process for each periodic validation of the trial; if it raises, the
     trial is stopped (its run directory records TrialPruned with the message) and the same exception is
@@ -54,7 +57,7 @@ def run_trial(cfg: RunConfig, console: Console, on_eval: Callable[[int, dict], N
     """
     context = multiprocessing.get_context(_start_method())
     parent_end, child_end = context.Pipe()
-    process = context.Process(target=_trial_process, args=(cfg, child_end, on_eval is not None, os.getpid()),
+    process = context.Process(target=_trial_process, args=(cfg, child_end, on_eval is not None, os.getpid(), resume_dir),
                               name=f"tunelab-trial-{cfg.output.name}")
     process.start()
     child_end.close()
@@ -79,9 +82,12 @@ def run_trial(cfg: RunConfig, console: Console, on_eval: Callable[[int, dict], N
             elif kind == "failed":
                 failure = message[1:]
         process.join()
-    except BaseException:
-        # Ctrl-C reaches the trial too: give it a moment to record its own failure, then make sure it ends.
-        process.join(timeout=10)
+    except BaseException as err:
+        # The trial runs in a process group of its own, so Ctrl-C at a terminal reaches it only from here,
+        # once: pass it on, give the trial time to record `interrupted`, then make sure it ends.
+        if isinstance(err, KeyboardInterrupt) and process.is_alive():
+            os.kill(process.pid, signal.SIGINT)
+        process.join(timeout=30)
         if process.is_alive():
             process.terminate()
             process.join()
@@ -109,9 +115,15 @@ def _start_method() -> str:
     return "fork" if sys.platform.startswith("linux") and "torch" not in sys.modules else "spawn"
 
 
-def _trial_process(cfg: RunConfig, conn, report_evals: bool, parent_pid: int) -> None:
+def _trial_process(cfg: RunConfig, conn, report_evals: bool, parent_pid: int, resume_dir: str | None) -> None:
     """The child: train, write the run's report, send the metrics (or the failure) and exit."""
     _die_with_parent(parent_pid)
+    # A process group of its own: a terminal's Ctrl-C goes to the parent alone, which passes it on exactly
+    # once (a second SIGINT could cut short the trial's record of the first).
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass
     console = Console(stderr=True)
     # Looked up at call time, not import time: a test (or a caller) that wraps run_training sees its wrapper run.
     from tunelab.train import run as run_module
@@ -123,7 +135,8 @@ def _trial_process(cfg: RunConfig, conn, report_evals: bool, parent_pid: int) ->
             raise TrialPruned(stop)
 
     try:
-        run, metrics = run_module.run_training(cfg, console=console, on_eval=ask_parent if report_evals else None)
+        run, metrics = run_module.run_training(cfg, resume_dir, console=console,
+                                               on_eval=ask_parent if report_evals else None)
         from tunelab.report import report_after_run
 
         report_after_run(run.path, console)

@@ -16,7 +16,7 @@ import yaml
 
 from tunelab.errors import TunelabError
 from tunelab.results import Plan
-from tunelab.runtime.run_dir import RunDir
+from tunelab.runtime.run_dir import RunDir, live_status
 
 LM_TASKS = ("causal_lm", "instruction")
 
@@ -117,7 +117,7 @@ def load_run(path: str | Path) -> RunData:
         raise TunelabError(f"{files.path}: not a run directory (no such folder)")
     run = RunData(path=files.path)
     run.config = _read_yaml(files.config_path)
-    run.manifest = _read_json(files.manifest_path) or {}
+    run.manifest = live_status(_read_json(files.manifest_path) or {})  # a dead owner's `running` reads `killed`
     run.metrics = _read_json(files.metrics_path)
     run.train_log, run.validation_log = read_metrics_log(files.metrics_log_path)
     labels = _read_json(files.labels_path)

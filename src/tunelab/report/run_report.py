@@ -64,8 +64,13 @@ def _status(doc: Document, run: RunData) -> None:
         return
     doc.heading("Status")
     if run.status == "running":
-        doc.paragraph("This run has not finished (or was killed before it could record a failure). "
+        doc.paragraph("This run has not finished (if it runs on another host, it may also have been killed there). "
                       "The numbers below come from its training log so far.")
+    elif run.status == "killed":
+        doc.paragraph("This run was killed (SIGKILL, out of memory, a power loss): its process is gone and recorded "
+                      "no failure. The numbers below come from its training log up to then.")
+    elif run.status == "interrupted":
+        doc.paragraph("This run was interrupted (Ctrl-C). The numbers below come from its training log up to then.")
     elif run.status == "failed":
         doc.paragraph("This run failed. The numbers below come from its training log up to the failure.")
     else:

@@ -15,8 +15,17 @@ export, serving and the registry) asks it for a path instead of spelling one.
   report.md, report.html, plots/   the run's report (see report/run_report.py)
   trace.json, ops.txt              `tunelab profile` runs: the profiler's trace and op table
 
-`manifest.json` carries `status`: running, failed (with the error) or completed, and, when the run is
-tracked, `mlflow`: its MLflow run id, experiment and store (track/tracking.py).
+`tunelab merge` and `tunelab route build` write a folder of the same kind around several runs:
+  recipe.json        merge: method, weights, density and the source runs; route: the tasks and their runs
+  tasks/NAME/        merge: one complete run directory per source task (the merged adapter, that task's head)
+  router.safetensors route: the router's weights (a linear classifier over sentence embeddings)
+  metrics.json, report.md, plots/  as for a run
+
+`manifest.json` carries `status`: running, completed, failed (with the error), interrupted (Ctrl-C), or
+killed; and `process`, the pid, host and start time of the process that owns the run (runtime/processes.py).
+`killed` is never written by the run itself: a process killed by SIGKILL or the out-of-memory killer writes
+nothing, so a reader that finds `running` with the owner gone reads `killed`. When the run is tracked, the
+manifest also holds `mlflow`: its MLflow run id, experiment and store (track/tracking.py).
 
 This module sits at the floor (it imports nothing above runtime/), so the config arrives as text: the
 caller serialises it (config.dump_config).
@@ -34,7 +43,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from tunelab.errors import TunelabError
-from tunelab.runtime.atomic import atomic_write_json, atomic_write_text
+from tunelab.runtime.atomic import atomic_write_json, atomic_write_text, remove_temporaries
+from tunelab.runtime.processes import owner_state, this_process
 
 PACKAGES = ("tunelab", "torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors", "bitsandbytes")
 
@@ -70,6 +80,15 @@ def _git_commit() -> str | None:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def live_status(manifest: dict) -> dict:
+    """The manifest as a reader should see it: `running` whose owning process is gone reads `killed`."""
+    if manifest.get("status") == "running" and owner_state(manifest.get("process")) == "dead":
+        return {**manifest, "status": "killed",
+                "error": manifest.get("error") or "killed: the process that ran it ended without recording why "
+                                                   "(SIGKILL, out of memory, or a power loss)"}
+    return manifest
 
 
 class ModelFiles:
@@ -118,6 +137,7 @@ class RunDir:
             "status": "running",
             "started": _now(),
             "command": sys.argv,
+            "process": this_process(),
             "seed": seed,
             "git_commit": _git_commit(),
             "packages": _versions(),
@@ -179,6 +199,32 @@ class RunDir:
         return self.path / "plots"
 
     @property
+    def recipe_path(self) -> Path:
+        """recipe.json of a merge or router folder: what it was built from."""
+        return self.path / "recipe.json"
+
+    def task_dir(self, name: str) -> Path:
+        """A merge folder's run directory for one source task."""
+        return self.path / "tasks" / name
+
+    def task_names(self) -> list[str]:
+        tasks = self.path / "tasks"
+        return sorted(p.name for p in tasks.iterdir() if p.is_dir()) if tasks.is_dir() else []
+
+    @property
+    def router_weights(self) -> Path:
+        return self.path / "router.safetensors"
+
+    def is_router(self) -> bool:
+        return self.router_weights.is_file() and self.recipe_path.is_file()
+
+    def is_merge(self) -> bool:
+        return self.recipe_path.is_file() and not self.router_weights.is_file()
+
+    def recipe(self) -> dict:
+        return json.loads(self.recipe_path.read_text())
+
+    @property
     def profile_trace(self) -> Path:
         return self.path / "trace.json"
 
@@ -199,13 +245,18 @@ class RunDir:
         return self.model_files.backbone.is_dir()
 
     def status(self) -> str:
-        """running, failed or completed; unknown without a manifest."""
+        """running, completed, failed, interrupted or killed; unknown without a manifest."""
         return self.manifest().get("status", "unknown") if self.manifest_path.is_file() else "unknown"
+
+    def owner_alive(self) -> bool:
+        """Whether the process that owns this run is alive (on this host; False when it cannot be told)."""
+        return owner_state(self.manifest().get("process")) == "alive" if self.manifest_path.is_file() else False
 
     # ----------------------------------------------------------------- manifest and metrics
 
     def manifest(self) -> dict:
-        return json.loads(self.manifest_path.read_text())
+        """manifest.json, with a dead owner's `running` read as `killed` (see live_status)."""
+        return live_status(json.loads(self.manifest_path.read_text()))
 
     def write_manifest(self, manifest: dict) -> None:
         atomic_write_json(self.manifest_path, manifest)
@@ -225,7 +276,34 @@ class RunDir:
         self.update_manifest(status="completed", finished=_now())
 
     def fail(self, error: BaseException) -> None:
-        self.update_manifest(status="failed", error=f"{type(error).__name__}: {error}")
+        if isinstance(error, KeyboardInterrupt):
+            self.update_manifest(status="interrupted", error="interrupted (Ctrl-C or SIGINT)")
+        else:
+            self.update_manifest(status="failed", error=f"{type(error).__name__}: {error}")
+
+    def claim(self) -> None:
+        """Make the calling process the owner of a run it resumes: `running` again, with its pid."""
+        manifest = {k: v for k, v in self.manifest().items() if k not in ("error", "finished")}
+        self.write_manifest({**manifest, "status": "running", "process": this_process(), "resumed": _now()})
+
+    def changed_data(self, data_files: dict[str, str | None]) -> list[str]:
+        """The splits whose file is not the one the run started with: another path, or other bytes (sha256).
+        A split the manifest holds no checksum for is not compared."""
+        recorded = self.manifest().get("data") or {}
+        changed = []
+        for split, src in data_files.items():
+            before = recorded.get(split) or {}
+            if not src and not before:
+                continue
+            if not src or not before or before.get("path") != src:
+                changed.append(f"{split}: was {before.get('path')}, now {src}")
+            elif before.get("sha256") and (not Path(src).is_file() or sha256(src) != before["sha256"]):
+                changed.append(f"{split}: {src} changed since the run started (sha256 differs)")
+        return changed
+
+    def clean_temporary(self) -> list[Path]:
+        """Remove what writes killed midway left behind (`.NAME.tmp`, `.NAME.PID.tmp`); returns what went."""
+        return remove_temporaries(self.path) + remove_temporaries(self.checkpoint_dir)
 
     def labels(self) -> list[str]:
         return json.loads(self.labels_path.read_text()) if self.labels_path.is_file() else []

@@ -33,7 +33,7 @@ from tunelab.runtime.atomic import atomic_dir
 from tunelab.runtime.distributed import accelerator_cpu_flag, join_processes, launched_with, threads_per_process
 from tunelab.runtime.hardware import configure_cpu_heap, describe, peak_memory_bytes, resolve_precision
 from tunelab.runtime.run_dir import ModelFiles, RunDir
-from tunelab.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from tunelab.train.checkpoint import resume_checkpoint, save_checkpoint
 from tunelab.train.flops import mfu, peak_flops
 from tunelab.train.optim import build_optimizer, build_scheduler
 from tunelab.train.progress import TrainProgress
@@ -130,17 +130,18 @@ class FineTune:
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
 
         if resume:
-            checkpoints = list_checkpoints(self.run.checkpoint_dir)
-            if checkpoints:
-                self.state = load_checkpoint(checkpoints[-1], self._unwrapped(), self.optimizer, self.scheduler)
+            warn = lambda line: self.console.print(f"[yellow]warning: {line}[/]", highlight=False, soft_wrap=True)  # noqa: E731
+            found = resume_checkpoint(self.run.checkpoint_dir, self._unwrapped(), self.optimizer, self.scheduler, warn)
+            if found:
+                self.state, path = found
                 saved_world = self.state.get("num_processes", 1)
                 if saved_world != self.accelerator.num_processes:
                     # The batch plan depends on the process count: another count would replay other examples.
                     raise TunelabError(
-                        f"--resume: {checkpoints[-1]} was written by {saved_world} process(es); "
+                        f"--resume: {path} was written by {saved_world} process(es); "
                         f"launch it with {saved_world}, not {self.accelerator.num_processes}"
                     )
-                self.console.print(f"[bold]resumed[/] from {checkpoints[-1]} (step {self.state['step']})")
+                self.console.print(f"[bold]resumed[/] from {path} (step {self.state['step']})")
             else:
                 self.console.print(f"[yellow]no checkpoint in {self.run.checkpoint_dir}; starting from step 0[/]")
         self.state["num_processes"] = self.accelerator.num_processes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from datetime import datetime
 from pathlib import Path
@@ -39,11 +40,27 @@ def create_run_dir(cfg: RunConfig) -> RunDir:
                          hardware=describe())
 
 
+def check_resumable(run: RunDir, cfg: RunConfig, allow_changed_data: bool = False) -> None:
+    """Refuse, in one line, to resume a run that is still running or whose data files changed since it
+    started: the batch plan is drawn from the data, so other rows would make the resumed half another run."""
+    if run.status() == "running" and run.owner_alive():
+        owner = run.manifest().get("process") or {}
+        raise TunelabError(f"--resume {run.path}: the run is still running (pid {owner.get('pid')}); stop it first")
+    if allow_changed_data:
+        return
+    changed = run.changed_data({"train": cfg.data.train, "validation": cfg.data.validation, "test": cfg.data.test})
+    if changed:
+        raise DataError(f"--resume {run.path}: the data is not what the run started with ({'; '.join(changed)}); "
+                        "restore it, or pass --allow-changed-data to resume anyway")
+
+
 def run_training(
-    cfg: RunConfig, resume_dir: str | None = None, console: Console | None = None, on_eval=None
+    cfg: RunConfig, resume_dir: str | None = None, console: Console | None = None, on_eval=None,
+    allow_changed_data: bool = False,
 ) -> tuple[RunDir, dict]:
     """Train, save and evaluate one run; returns its directory and the metrics it recorded (metrics.json).
-    on_eval(step, metrics) sees each periodic validation (see FineTune).
+    on_eval(step, metrics) sees each periodic validation (see FineTune). allow_changed_data: resume even
+    though a data file differs from the one the run started with (see check_resumable).
 
     Under `accelerate launch` every process runs this; only the main one prints and writes the run directory
     (see runtime/distributed.py). The report is not written here (the training stage does not know about
@@ -55,6 +72,8 @@ def run_training(
     if not is_main_process():
         console = Console(stderr=True, quiet=True)
     started = time.perf_counter()
+    if resume_dir and is_main_process():
+        check_resumable(RunDir(resume_dir), cfg, allow_changed_data)
     # Every data check runs here, before a model is loaded or a run directory exists.
     splits = load_splits(cfg.data, cfg.task, cfg.train.seed)
     sizes = f"train {len(splits.train)}, validation {len(splits.validation)}, test {len(splits.test)}"
@@ -78,6 +97,10 @@ def run_training(
     get_method(cfg.method.name).check(cfg.method, hf_config, cfg.task)
     check_attention(cfg.model.attention)
     run = RunDir(resume_dir) if resume_dir else on_main_then_share(lambda: create_run_dir(cfg))
+    if resume_dir and is_main_process():
+        run.claim()  # running again, owned by this process
+        for leftover in run.clean_temporary():
+            console.print(f"[dim]run   removed {leftover.name}, left by a write that was cut short[/]")
     console.print(f"run   {run.path}")
     tracker = None
     if is_main_process():
@@ -110,13 +133,27 @@ def run_training(
         # fails first, the launcher kills the main process mid-step, which would leave the run "running"
         # forever; when the main one failed first, the others only see their connection to it close.
         if is_main_process() or run.status() == "running":
-            run.fail(err)
+            _record_failure(run, err)
         if tracker is not None:
             tracker.finish(run, failed=err)
         raise
     if tracker is not None:
         tracker.finish(run)  # the report is logged to the same MLflow run once written (tracking.log_report)
     return run, metrics
+
+
+def _record_failure(run: RunDir, err: BaseException) -> None:
+    """failed, or interrupted for Ctrl-C. A second Ctrl-C (an impatient user, or a terminal and a parent
+    process both passing it on) must not cut the manifest write short: SIGINT waits until it is written."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: signals cannot be set, nor delivered here
+        previous = None
+    try:
+        run.fail(err)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _check_data(cfg: RunConfig, splits, console: Console) -> None:

@@ -130,7 +130,7 @@ def _retry_interrupted(study, console: Console) -> None:
         if stale:
             study.tell(t.number, state=TrialState.FAIL)
             run = RunDir(t.user_attrs.get("run_dir", ""))
-            if run.status() == "running":
+            if run.status() in ("running", "killed"):  # killed: the trial died with the sweep (PR_SET_PDEATHSIG)
                 run.update_manifest(status="failed", error="interrupted: the sweep process stopped during this trial")
         if t.number not in retried and t.params:
             study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
