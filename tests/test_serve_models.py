@@ -95,10 +95,11 @@ def test_served_json_records_what_was_loaded_from_where(registry, serve_runs):
     assert any(k.endswith("adapter_model.safetensors") and len(v) == 64 for k, v in entry["weights_sha256"].items())
 
 
-def test_export_folder_is_refused_in_one_line(tmp_path):
+def test_a_broken_export_folder_is_refused_in_one_line(tmp_path):
+    """Merged and adapter exports are served (tests/test_export.py); an export.json this tunelab cannot read is not."""
     from tunelab.errors import TunelabError
 
     (tmp_path / "export.json").write_text("{}")
-    with pytest.raises(TunelabError, match="export folders cannot be served yet"):
+    with pytest.raises(TunelabError, match=r"export.json: schema None; this tunelab reads schema 1"):
         ModelRegistry().load("x", tmp_path)
 

@@ -20,7 +20,7 @@ import sys
 
 import typer
 
-from tunelab.cli import run, experiments, adapters, info, data, registry, serve  # noqa: F401,I001  (each registers its commands on the app, in help order)
+from tunelab.cli import run, experiments, adapters, info, data, registry, export, serve  # noqa: F401,I001  (each registers its commands on the app, in help order)
 from tunelab.cli.common import app, err
 from tunelab.errors import TunelabError
 

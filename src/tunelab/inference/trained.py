@@ -53,7 +53,7 @@ class TrainedModel:
         if not run.has_model():
             raise TunelabError(f"{run_dir}: has no trained model (run status: {run.status()})")
         torch.set_num_threads(usable_cores())
-        self.run = run
+        self.run, self.source = run, run.path
         self.cfg = load_run_config(run, trust_remote_code)
         self.labels = run.labels()
         self.precision, self.precision_note = recorded_precision(run, self.cfg)
@@ -71,6 +71,19 @@ class TrainedModel:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device)
         self.template = choose_template(self.cfg.data.template, self.tokenizer) if self.cfg.task == "instruction" else None
+
+    @classmethod
+    def assemble(cls, cfg, labels: list[str], model: nn.Module, tokenizer, source: Path) -> TrainedModel:
+        """A model built elsewhere (an export folder: export/loading.py) with the same evaluate, predict and
+        generate as a run's; `run` is None, `source` says where it came from."""
+        self = cls.__new__(cls)
+        self.run, self.source, self.cfg, self.labels = None, Path(source), cfg, labels
+        self.precision = "fp32"
+        self.tokenizer = tokenizer
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = model.eval().to(self.device)
+        self.template = choose_template(cfg.data.template, tokenizer) if cfg.task == "instruction" else None
+        return self
 
     @property
     def task(self) -> str:

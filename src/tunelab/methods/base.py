@@ -62,6 +62,11 @@ class Method:
     # within each example (data/packing.py); a technique that changes the sequence or the attention cache
     # can break that.
     packing_refusal: str | None = None
+    # Why what this technique trained cannot be folded into the base weights (`tunelab export --format merged`,
+    # and onnx and gguf, which start from the merged model); None = it can (merged() does it).
+    merge_refusal: str | None = None
+    # Why it has no PEFT adapter folder (`tunelab export --format adapter`); None = save() writes one.
+    adapter_refusal: str | None = None
 
     def learning_rate(self, cfg) -> float:
         """The rate used when train.lr is null; a technique whose knobs change what a good rate is overrides it."""
@@ -97,6 +102,14 @@ class Method:
 
     def load(self, base_backbone: nn.Module, out_dir: Path) -> nn.Module:
         """Rebuild the trained backbone from a fresh base and what save() wrote."""
+        raise NotImplementedError
+
+    def merged(self, backbone: nn.Module, saved_dir: Path) -> nn.Module:
+        """The plain transformers model with what this technique trained folded into its weights.
+
+        backbone: the run's trained backbone (it may be changed in place: pass one loaded for this);
+        saved_dir: what save() wrote. Only called when merge_refusal is None.
+        """
         raise NotImplementedError
 
     def blocks_packing(self, backbone: nn.Module) -> bool:

@@ -23,6 +23,7 @@ class FullFineTuning(Method):
     name = "full"
     config_class = FullMethod
     default_lr = 5e-5
+    adapter_refusal = "full fine-tuning changes every weight, so there is no adapter to export: use --format merged"
 
     def apply(self, backbone: nn.Module, cfg, task: str) -> nn.Module:
         backbone.requires_grad_(True)
@@ -33,3 +34,6 @@ class FullFineTuning(Method):
 
     def load(self, base_backbone: nn.Module, out_dir: Path) -> nn.Module:
         return type(base_backbone).from_pretrained(out_dir)
+
+    def merged(self, backbone: nn.Module, saved_dir: Path) -> nn.Module:
+        return backbone  # nothing to fold in: the trained backbone is the whole model

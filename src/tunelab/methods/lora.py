@@ -152,3 +152,39 @@ class Qlora(Lora):
 
     def quantized_weight_bytes(self, cfg) -> float:
         return NF4_BYTES[cfg.double_quant]
+
+    def merged(self, backbone: nn.Module, saved_dir: Path) -> nn.Module:
+        """LoRA merged into a *dequantized* base: every 4-bit weight becomes the fp32 matrix bitsandbytes
+        multiplied with in training (dequantize_4bit), then B A is added in fp32.
+
+        The two other ways lose the training: PEFT's merge into the 4-bit layers rounds W + BA back to 4 bits
+        (the update is mostly smaller than one 4-bit step), and merging into the original full-precision base
+        gives a model nobody trained -- the adapter learned to correct the 4-bit weights, not those.
+        """
+        import torch
+        from peft import PeftModel
+
+        bnb = import_bitsandbytes()
+        base = backbone.unload()  # the 4-bit base without the LoRA wrappers (nothing merged)
+        weights = {}
+        for name, module in base.named_modules():
+            prefix = f"{name}." if name else ""
+            if isinstance(module, bnb.nn.Linear4bit):
+                weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+                weights[prefix + "weight"] = weight.to(torch.float32)
+                if module.bias is not None:
+                    weights[prefix + "bias"] = module.bias.detach().to(torch.float32)
+                continue
+            for pname, p in module.named_parameters(recurse=False):
+                weights[prefix + pname] = p.detach().to(torch.float32)
+        config = base.config.__class__.from_dict({k: v for k, v in base.config.to_dict().items()
+                                                  if k != "quantization_config"})
+        plain = type(base)(config).to(torch.float32)
+        missing, unexpected = plain.load_state_dict(weights, strict=False)
+        tied = set(getattr(plain, "_tied_weights_keys", None) or [])
+        untied = [k for k in missing if k not in tied and "lm_head" not in k]
+        if untied or unexpected:
+            raise ValueError(f"dequantized base does not match its architecture: missing {untied[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+        plain.tie_weights()
+        return PeftModel.from_pretrained(plain.eval(), saved_dir).merge_and_unload()

@@ -56,3 +56,8 @@ class PeftMethod(Method):
         from peft import PeftModel
 
         return PeftModel.from_pretrained(base_backbone, out_dir)
+
+    def merged(self, backbone: nn.Module, saved_dir: Path) -> nn.Module:
+        """LoRA and DoRA add B A (DoRA: and rescale by the learned magnitude) into W; IA3 multiplies its vectors
+        into the weights it scales. PEFT's merge_and_unload does the arithmetic and drops the wrappers."""
+        return backbone.merge_and_unload()

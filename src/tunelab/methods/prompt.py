@@ -43,6 +43,8 @@ class PromptLearning(PeftMethod):
     """Prompt and prefix tuning: their saved tensor is the virtual-token embedding table itself."""
 
     peft_type: str  # PEFT's name for the technique, to recognise a backbone that carries it
+    merge_refusal = ("its virtual tokens are extra inputs, not a change to any weight: use --format adapter "
+                     "(PEFT loads it) or serve the run with `tunelab serve`")
 
     def blocks_packing(self, backbone: nn.Module) -> bool:
         return peft_type_of(backbone) == self.peft_type

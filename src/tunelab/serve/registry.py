@@ -198,48 +198,86 @@ class ModelRegistry:
         return len(self._pool)
 
     def load(self, name: str, source: str | Path) -> ServedModel:
-        """Load a run directory under `name`, replacing any model of that name."""
+        """Load a run directory, or a merged or adapter export folder, under `name`, replacing any model of
+        that name."""
+        from tunelab.export import is_export
         from tunelab.inference.trained import TrainedModel, load_run_config, recorded_precision
-        from tunelab.methods import get_method
         from tunelab.runtime.run_dir import RunDir
 
         path = Path(source)
         run = RunDir(path)
-        if (path / "export.json").is_file() and not run.is_run():
-            raise TunelabError(f"{path}: export folders cannot be served yet; serve the run directory it came from")
+        if is_export(path) and not run.is_run():
+            return self._load_export(name, path)
         if not run.is_run():
-            raise TunelabError(f"{path}: not a run directory (no config.yaml)")
+            raise TunelabError(f"{path}: not a run directory (no config.yaml) nor an export folder (no export.json)")
         cfg = load_run_config(run, self.trust_remote_code)
-        method = get_method(cfg.method.name)
-        key = backbone = None
         with self._lock:
-            if cfg.method.name != "full":  # full fine-tuning replaces every base weight: nothing to share
-                kwargs = method.pretrained_kwargs(cfg.method, recorded_precision(run, cfg)[0])
-                key = BasePool.key(cfg, kwargs)
-                backbone = self._pool.acquire(key, name, cfg, kwargs)
+            key, backbone = self._shared_base(name, cfg, precision=recorded_precision(run, cfg)[0])
             try:
                 trained = TrainedModel(path, base_backbone=backbone, trust_remote_code=self.trust_remote_code)
             except BaseException:
                 self._release_unless_used(key, name)
                 raise
-            version = self._versions.get(name, 0) + 1
-            self._versions[name] = version
             manifest = run.manifest() if run.manifest_path.is_file() else {}
             lineage = {
-                "name": name, "version": version, "source": str(path.resolve()), "source_type": "run",
-                "task": cfg.task, "method": cfg.method.name, "base_model": cfg.model.name,
-                "run_status": manifest.get("status"), "run_finished": manifest.get("finished"),
+                "source_type": "run", "run_status": manifest.get("status"), "run_finished": manifest.get("finished"),
                 "git_commit": manifest.get("git_commit"), "weights_sha256": _weights_sha256(run),
-                "loaded_at": now_iso(), "unloaded_at": None,
             }
-            served = ServedModel(name, path, trained, version, key, lineage["loaded_at"], lineage)
-            old = self._models.get(name)
-            self._models[name] = served
-            if old is not None:
-                self._retire(old)
-            self._history.append(lineage)
-            self._write_served_json()
-            return served
+            return self._install(name, path, trained, key, cfg, lineage)
+
+    def _shared_base(self, name: str, cfg, adapter: bool = True,
+                     precision: str | None = None) -> tuple[str | None, nn.Module | None]:
+        """The pooled base backbone for a technique that wraps one; (None, None) when the model owns every
+        weight (full fine-tuning, a merged export). A run's base loads in the precision the run recorded."""
+        if cfg.method.name == "full" or not adapter:
+            return None, None
+        from tunelab.methods import get_method
+        from tunelab.runtime.hardware import resolve_precision
+
+        precision = precision or resolve_precision(cfg.train.precision)
+        kwargs = get_method(cfg.method.name).pretrained_kwargs(cfg.method, precision)
+        key = BasePool.key(cfg, kwargs)
+        return key, self._pool.acquire(key, name, cfg, kwargs)
+
+    def _load_export(self, name: str, path: Path) -> ServedModel:
+        """A merged export owns its weights; an adapter export is built on the shared copy of its base, like a
+        run. Every file is checked against its sha256 in export.json before anything is served."""
+        from tunelab.export import load_export, read_record
+        from tunelab.export.loading import export_config
+
+        record = read_record(path)
+        cfg = export_config(record)
+        with self._lock:
+            key, backbone = self._shared_base(name, cfg, adapter=record["format"] == "adapter")
+            try:
+                trained = load_export(path, verify=True, base_backbone=backbone)
+            except BaseException:
+                self._release_unless_used(key, name)
+                raise
+            source = record["source"]
+            lineage = {
+                "source_type": "export", "export_format": record["format"], "export_created": record.get("created"),
+                "source_run": source.get("run"), "run_status": source.get("run_status"), "run_finished": None,
+                "git_commit": source.get("git_commit"),
+                "weights_sha256": {f: h for f, h in record["files"].items() if f.endswith(".safetensors")},
+            }
+            return self._install(name, path, trained, key, cfg, lineage)
+
+    def _install(self, name: str, path: Path, trained, key: str | None, cfg, lineage: dict) -> ServedModel:
+        version = self._versions.get(name, 0) + 1
+        self._versions[name] = version
+        lineage = {
+            "name": name, "version": version, "source": str(path.resolve()), **lineage, "task": cfg.task,
+            "method": cfg.method.name, "base_model": cfg.model.name, "loaded_at": now_iso(), "unloaded_at": None,
+        }
+        served = ServedModel(name, path, trained, version, key, lineage["loaded_at"], lineage)
+        old = self._models.get(name)
+        self._models[name] = served
+        if old is not None:
+            self._retire(old)
+        self._history.append(lineage)
+        self._write_served_json()
+        return served
 
     def unload(self, name: str) -> bool:
         with self._lock:

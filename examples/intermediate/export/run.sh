@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Train the four small runs and export each the ways the README reports, then collect every export.json and
+# a summary table into results/. From the repository root:
+#   bash examples/intermediate/export/run.sh [RUNS_DIR] [EXPORTS_DIR]
+set -euo pipefail
+RUNS=${1:-runs}
+EXPORTS=${2:-exports}
+HERE=examples/intermediate/export
+for m in lora dora ia3; do
+  [ -f "$RUNS/export-minilm-$m/metrics.json" ] || tunelab train "$HERE/minilm-sst2-$m.yaml" output.dir="$RUNS"
+  tunelab export "$RUNS/export-minilm-$m" --format merged --output "$EXPORTS/minilm-$m-merged" --overwrite
+done
+tunelab export "$RUNS/export-minilm-lora" --format onnx --quantize int8 --output "$EXPORTS/minilm-lora-onnx" --overwrite
+[ -f "$RUNS/export-smollm2-lora/metrics.json" ] || tunelab train "$HERE/smollm2-alpaca-lora.yaml" output.dir="$RUNS"
+for f in merged adapter gguf; do
+  tunelab export "$RUNS/export-smollm2-lora" --format $f --output "$EXPORTS/smollm2-lora-$f" --overwrite
+done
+tunelab export "$RUNS/export-smollm2-lora" --format onnx --quantize int8 --output "$EXPORTS/smollm2-lora-onnx" --overwrite
+python "$HERE/collect.py" "$EXPORTS" "$HERE/results"
