@@ -10,6 +10,7 @@ def test_shipped_configs_load():
     """Every config we ship validates: run configs, comparison files and sweep files alike."""
     import yaml
 
+    from tunelab.config import is_multitask, load_multitask_config
     from tunelab.experiments.compare import plan_comparison
     from tunelab.experiments.sweep import load_sweep
 
@@ -19,6 +20,8 @@ def test_shipped_configs_load():
             plan_comparison(path, None, [])
         elif "sweep" in raw:
             load_sweep(str(path))
+        elif is_multitask(raw):
+            load_multitask_config(path)
         elif "task" in raw:
             load_config(path)
 
