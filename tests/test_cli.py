@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from conftest import make_config, write_jsonl
@@ -47,6 +48,7 @@ def test_unknown_model_and_bad_key_are_one_line(tmp_path):
     assert not (tmp_path / "runs").exists()  # checked before a run directory is created
 
 
+@pytest.mark.slow  # over a minute on 2 busy cores; `make test-slow` runs it
 def test_train_predict_eval_roundtrip(tmp_path, tiny_encoder, sentiment_files):
     train, test = sentiment_files
     raw = make_config(

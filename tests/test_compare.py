@@ -66,6 +66,7 @@ def test_bad_comparison_config_stops_before_training(compare_config, compare, ma
         plan_comparison(compare_config(compare=compare), None, [])
 
 
+@pytest.mark.slow  # over a minute on 2 busy cores; `make test-slow` runs it
 def test_failed_technique_is_reported_and_the_others_still_run(compare_config, tmp_path, capsys):
     from rich.console import Console
 

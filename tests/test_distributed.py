@@ -86,6 +86,7 @@ def _raw_config(name, case, models, files, processes) -> dict:
     return raw
 
 
+@pytest.mark.slow  # over a minute on 2 busy cores; `make test-slow` runs it
 def test_ddp_two_processes_match_one(tmp_path, monkeypatch, tiny_encoder, tiny_decoder, sentiment_files):
     from test_accumulation_lm import lm_rows
 

@@ -10,6 +10,7 @@ from tunelab.train.run import run_training
 from conftest import DATA, REPO, make_config, write_jsonl
 
 
+@pytest.mark.slow  # over a minute on 2 busy cores; `make test-slow` runs it
 def test_lora_on_minilm_learns_above_chance(tmp_path, monkeypatch):
     """LoRA with the mean-pooling head learns SST-2 sentiment from 480 examples: clearly above chance on a
     held-apart split (the stock pooler head stays near chance here; see FINDINGS in docs/03-lora.md)."""
@@ -29,6 +30,7 @@ def test_lora_on_minilm_learns_above_chance(tmp_path, monkeypatch):
     assert metrics["eval"]["num_examples"] == 200
 
 
+@pytest.mark.slow  # over a minute on 2 busy cores; `make test-slow` runs it
 def test_smollm2_instruction_lora_steps(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     rows = [json.loads(x) for x in (DATA / "alpaca_2k" / "train.jsonl").read_text().splitlines()[:24]]

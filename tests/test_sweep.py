@@ -56,6 +56,7 @@ def _trials(sweep_dir):
     return optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{sweep_dir / 'study.db'}").trials
 
 
+@pytest.mark.slow  # over a minute on 2 busy cores; `make test-slow` runs it
 def test_sweep_completes_with_best_config_table_and_plots(sweep_file):
     path = sweep_file(trials=2)
     sweep_dir = run_sweep(str(path), [], None)
