@@ -451,8 +451,8 @@ def compare_tables(w: Workload, rows: dict[str, dict]) -> list[str]:
 
 
 def speed_cell(row: dict) -> str:
-    runs = row.get("speed_runs")
-    return fmt(row["real_tokens_per_s"]) if not runs or len(runs) == 1 else spread_cell(runs, ",.0f", "")
+    runs = row.get("speed_runs") or []
+    return spread_cell(runs, ",.0f", "") if len(runs) > 1 else fmt(row["real_tokens_per_s"])
 
 
 def ablation_table(w: Workload, rows: dict[str, dict]) -> list[str]:
@@ -565,8 +565,7 @@ def main(argv: list[str] | None = None) -> None:
         title = "tunelab ablation (one switch at a time from the tuned config)"
         table = ablation_table(w, rows)
     else:
-        names = [s for s in SETUPS if s in args.setups.split(",")]
-        rounds = []
+        names, rounds = [s for s in SETUPS if s in args.setups.split(",")], []
         for i in range(max(1, args.repeats)):
             print(f"\n##### round {i + 1} of {args.repeats}", file=sys.stderr, flush=True)
             ran = {s: spawn(args, s) for s in run_order(names, i)}

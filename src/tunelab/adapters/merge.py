@@ -25,7 +25,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from tunelab.adapters.sources import Source, check_mergeable, read_sources
+from tunelab.adapters.sources import Source, output_folder, check_mergeable, read_sources
 from tunelab.errors import TunelabError
 from tunelab.runtime.atomic import atomic_dir, atomic_write_json
 from tunelab.runtime.run_dir import RunDir
@@ -128,10 +128,7 @@ def merge_runs(run_dirs: list[Path], method: str, weights: list[float] | None, d
     recipe = {"kind": "merge", "method": method, "weights": weights, "density": density, "seed": seed,
               "base": sources[0].cfg.model.name,
               "sources": [{"task": s.name, "run_dir": str(s.path), "labels": s.labels} for s in sources]}
-    output = Path(output)
-    if output.exists() and not RunDir(output).is_merge():
-        raise TunelabError(f"{output} exists and is not a merge folder; pick another --output")
-    output.parent.mkdir(parents=True, exist_ok=True)
+    output = output_folder(output, "merge")
     with atomic_dir(output) as tmp:
         folder = RunDir(tmp)
         say(f"merge  {method} of {len(sources)} adapters ({', '.join(s.name for s in sources)}), "

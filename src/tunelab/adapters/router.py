@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from tunelab.adapters.sources import Source, read_sources
+from tunelab.adapters.sources import Source, output_folder, read_sources
 from tunelab.errors import TunelabError
 from tunelab.runtime.atomic import atomic_dir, atomic_write_json
 from tunelab.runtime.run_dir import RunDir
@@ -108,10 +108,7 @@ def build_router(run_dirs: list[Path], output: Path, per_task: int = 2000, encod
     weight, bias = fit_logistic(x, torch.tensor(targets), len(sources))
     recipe = {"kind": "router", "encoder": encoder, "max_length": MAX_LENGTH, "per_task": per_task,
               "tasks": [{"task": s.name, "run_dir": str(s.path), "labels": s.labels} for s in sources]}
-    output = Path(output)
-    if output.exists() and not RunDir(output).is_router():
-        raise TunelabError(f"{output} exists and is not a router folder; pick another --output")
-    output.parent.mkdir(parents=True, exist_ok=True)
+    output = output_folder(output, "router")
     with atomic_dir(output) as tmp:
         folder = RunDir(tmp)
         save_file({"weight": weight.contiguous(), "bias": bias.contiguous()}, str(folder.router_weights))

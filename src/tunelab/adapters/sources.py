@@ -86,3 +86,14 @@ def check_mergeable(sources: list[Source]) -> None:
     if len(kinds) > 1:
         named = ", ".join(f"{s.path} is {s.cfg.task}" for s in sources)
         raise TunelabError(f"cannot merge a classification run with a language-model run: {named}")
+
+
+def output_folder(output: str | Path, kind: str) -> Path:
+    """The --output of `tunelab merge` or `route build`: new, or a folder of the same kind (rebuilt in place);
+    anything else there is refused in one line rather than replaced."""
+    output = Path(output)
+    same_kind = RunDir(output).is_merge() if kind == "merge" else RunDir(output).is_router()
+    if output.exists() and not same_kind:
+        raise TunelabError(f"{output} exists and is not a {kind} folder; pick another --output")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return output
