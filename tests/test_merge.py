@@ -172,3 +172,18 @@ def test_merge_command_prints_one_line_refusal_and_eval_takes_the_task_run(runs,
     one = tunelab("eval", str(folder / "tasks" / "sentiment"), "--data", str(runs["folder"] / "sentiment-test.jsonl"))
     assert one.returncode == 0, one.stderr
     assert json.loads(one.stdout[one.stdout.index("{"):])["num_examples"] == 16
+
+
+def test_output_that_holds_something_else_is_refused_not_replaced(tmp_path):
+    """merge/route build rebuild a folder of their own kind, but never replace another folder."""
+    from tunelab.adapters.sources import output_folder
+
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    for kind in ("merge", "router"):
+        with pytest.raises(TunelabError, match=f"notes exists and is not a {kind} folder; pick another --output"):
+            output_folder(other, kind)
+    assert (other / "keep.txt").read_text() == "mine"
+    fresh = output_folder(tmp_path / "new" / "merged", "merge")  # a new path is fine; its parent is made
+    assert fresh.parent.is_dir() and not fresh.exists()
