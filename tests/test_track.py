@@ -78,6 +78,7 @@ def test_step_metrics_go_in_batches(tmp_path, tiny_encoder, sentiment_files, mon
             calls.append(len(metrics))
         return original(self, run_id, metrics=metrics, params=params, tags=tags, **kw)
 
+    monkeypatch.setattr("tunelab.track.tracking.IN_PROCESS", True)  # the patch reaches MlflowClient in this process
     monkeypatch.setattr(MlflowClient, "log_batch", counting)
     monkeypatch.setattr(MlflowClient, "log_metric", lambda *a, **k: pytest.fail("one call per metric"))
     run_training(_cfg(tmp_path, tiny_encoder, sentiment_files), console=_console())
@@ -103,6 +104,7 @@ def test_a_store_failing_mid_run_warns_once(tmp_path, tiny_encoder, sentiment_fi
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
+    monkeypatch.setattr("tunelab.track.tracking.IN_PROCESS", True)
     monkeypatch.setattr(MlflowClient, "log_artifact", broken)
     console = _console()
     run, _ = run_training(_cfg(tmp_path, tiny_encoder, sentiment_files), console=console)
@@ -209,3 +211,42 @@ def test_compare_files_techniques_under_a_parent_run(tmp_path, tiny_encoder, sen
     assert sorted(r.info.run_name for r in children) == ["full", "lora"]
     assert "comparison.html" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert "full.test.accuracy" in parent.data.metrics
+
+
+def test_a_tracking_worker_that_dies_costs_one_warning_line_not_the_run(tmp_path, tiny_encoder, sentiment_files,
+                                                                        monkeypatch):
+    from tunelab.track.worker import TrackingWorker
+
+    original = TrackingWorker.start
+
+    def start_then_die(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.proc.kill()
+
+    monkeypatch.setattr(TrackingWorker, "start", start_then_die)
+    console = _console()
+    run, _ = run_training(_cfg(tmp_path, tiny_encoder, sentiment_files), console=console)
+    lines = [line for line in console.export_text().splitlines() if "tracking off" in line]
+    assert len(lines) == 1 and "MLflow worker" in lines[0] and "the run directory is complete" in lines[0]
+    assert run.manifest()["status"] == "completed" and (run.path / "metrics.json").is_file()
+
+
+def test_the_training_process_leaves_mlflow_to_the_worker(tmp_path, tiny_encoder, sentiment_files):
+    """Tracked, the training process never imports mlflow: the worker process does every MLflow call."""
+    import subprocess
+    import sys
+
+    cfg = _cfg(tmp_path, tiny_encoder, sentiment_files)
+    (tmp_path / "cfg.json").write_text(cfg.model_dump_json())
+    code = ("import json, sys; from rich.console import Console; from tunelab.config import RunConfig; "
+            "from tunelab.train.run import run_training; from tunelab.track.tracking import log_report; "
+            f"cfg = RunConfig.model_validate_json(open({str(tmp_path / 'cfg.json')!r}).read()); "
+            "from tunelab.report import report_after_run; run, _ = run_training(cfg, console=Console(stderr=True)); "
+            "report_after_run(run.path, Console(stderr=True)); log_report(run.path, Console(stderr=True)); "
+            "print(json.dumps(['mlflow' in sys.modules, run.manifest()['mlflow']['run_id']]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    imported, run_id = json.loads(out.strip().splitlines()[-1])
+    assert imported is False
+    logged = _client(tmp_path).get_run(run_id)
+    assert logged.info.status == "FINISHED" and "test.accuracy" in logged.data.metrics
+    assert "report.html" in {a.path for a in _client(tmp_path).list_artifacts(run_id)}

@@ -37,6 +37,12 @@ PARENT_ENV = "TUNELAB_MLFLOW_PARENT_RUN_ID"  # compare and sweep file their runs
 DIGEST_CHARS = 36  # MLflow's datasets table holds a 36-character digest (a VARCHAR(36) on PostgreSQL)
 
 
+def planned_uri(track_cfg, output_dir: str | Path, manifest: dict | None = None) -> str:
+    """The store a run logs to: a resumed run's own (its manifest names it), else tracking_uri."""
+    previous = (manifest or {}).get("mlflow") or {}
+    return previous.get("tracking_uri") or tracking_uri(track_cfg.uri, output_dir)
+
+
 def tracking_uri(uri: str | None, output_dir: str | Path) -> str:
     """track.uri, else $MLFLOW_TRACKING_URI, else the SQLite file under the run folder (absolute, so the
     manifest's copy works from any directory)."""
@@ -155,6 +161,8 @@ class Tracker:
     def __init__(self, console: Console):
         self.console = console
         self.client = None
+        self.uri: str | None = None
+        self.experiment: tuple[str, str] | None = None  # (name, id) once found or made
         self.run_id: str | None = None
         self.pending: list[dict] = []
         self.last_flush = time.monotonic()
@@ -182,31 +190,50 @@ class Tracker:
         self._safely("store", self._start, run, track_cfg, output_dir, resume)
 
     def _start(self, run: RunDir, track_cfg, output_dir: str, resume: bool) -> None:
+        if self.client is None:
+            self.open(planned_uri(track_cfg, output_dir, run.manifest() if resume else None),
+                      None if resume else track_cfg.experiment)
+        record = self.create(run, track_cfg.experiment, resume)
+        if record:
+            run.update_manifest(mlflow=record)
+        run.listeners.append(self.on_log)
+
+    def open(self, uri: str, experiment: str | None = None) -> None:
+        """The slow part, done once: import mlflow, open the store (a new SQLite store runs its schema
+        migrations) and find or make the experiment. track/worker.py does it in its own process."""
+        self.uri = uri
+        self.client = open_client(uri)
+        if experiment:
+            self.experiment = (experiment, experiment_id(self.client, experiment, uri))
+
+    def create(self, run: RunDir, experiment: str, resume: bool) -> dict | None:
+        """Make the MLflow run of `run` and log its params and data inputs; returns the manifest's `mlflow`
+        entry (None when a resumed run reopens the MLflow run its manifest names)."""
         from tunelab.config import load_config
 
         manifest = run.manifest()
         previous = manifest.get("mlflow") or {}
-        uri = previous.get("tracking_uri") if resume and previous else tracking_uri(track_cfg.uri, output_dir)
-        self.client = open_client(uri)
         if resume and previous.get("run_id"):
             self.run_id = previous["run_id"]
             self.client.update_run(self.run_id, status="RUNNING")
-            return
-        exp = experiment_id(self.client, track_cfg.experiment, uri)
+            return None
+        if self.experiment is None or self.experiment[0] != experiment:
+            self.experiment = (experiment, experiment_id(self.client, experiment, self.uri))
+        exp = self.experiment[1]
         tags = run_tags({**manifest, "_path": run.path})
         tags["mlflow.source.name"] = "tunelab train"
         if os.environ.get(PARENT_ENV):
             tags["mlflow.parentRunId"] = os.environ[PARENT_ENV]
         created = self.client.create_run(exp, tags=tags, run_name=run.path.name)
         self.run_id = created.info.run_id
-        run.update_manifest(mlflow={"run_id": self.run_id, "experiment_id": exp, "experiment": track_cfg.experiment,
-                                    "tracking_uri": uri, "artifact_uri": created.info.artifact_uri})
+        record = {"run_id": self.run_id, "experiment_id": exp, "experiment": experiment, "tracking_uri": self.uri,
+                  "artifact_uri": created.info.artifact_uri}
         params = flat_params(load_config(run.config_path).model_dump(mode="json"))
         self._log_batch(params=params)
         datasets = [_dataset(split, entry) for split, entry in (manifest.get("data") or {}).items()]
         if datasets:
             self.client.log_inputs(self.run_id, datasets=datasets)
-        run.listeners.append(self.on_log)
+        return record
 
     def _log_batch(self, metrics: list | None = None, params: dict | None = None, tags: dict | None = None) -> None:
         """MLflow takes at most 1,000 metrics and 100 params or tags per call."""
@@ -242,14 +269,20 @@ class Tracker:
             metrics += [Metric(k, v, stamp, step) for k, v in values.items()]
         self._log_batch(metrics=metrics)
 
-    def finish(self, run: RunDir, failed: BaseException | None = None) -> None:
-        """Send what is left, the final metrics, tags and artifacts, and close the MLflow run."""
+    def finish(self, run: RunDir, failed: BaseException | str | None = None) -> None:
+        """Send what is left, the final metrics, tags and artifacts, and close the MLflow run. `failed`: the
+        error that ended the run, or its "Type: message" line."""
         if self.run_id is None:
             return
         self.flush()
+        if isinstance(failed, BaseException):
+            failed = f"{type(failed).__name__}: {failed}"
         self._safely("final logging", self._finish, run, failed)
 
-    def _finish(self, run: RunDir, failed: BaseException | None) -> None:
+    def close(self) -> None:
+        """Nothing to end in-process (a TrackingWorker ends its process here)."""
+
+    def _finish(self, run: RunDir, failed: str | None) -> None:
         from mlflow.entities import Metric
 
         manifest = run.manifest()
@@ -259,7 +292,7 @@ class Tracker:
             self._log_batch(metrics=[Metric(k, v, stamp, step) for k, v in final_metrics(metrics).items()])
         tags = run_tags({**manifest, "_path": run.path})
         if failed is not None:
-            tags["tunelab.error"] = f"{type(failed).__name__}: {failed}"[:4000]
+            tags["tunelab.error"] = failed[:4000]
         self._log_batch(tags=tags)
         log_run_artifacts(self.client, self.run_id, run)
         self.client.set_terminated(self.run_id, status="FAILED" if failed is not None else "FINISHED")
@@ -278,6 +311,12 @@ def log_run_artifacts(client, run_id: str, run: RunDir) -> None:
 def log_report(run_dir: str | Path, console: Console) -> None:
     """Log a run's report (report.html, report.md, plots/), written after training, to its MLflow run;
     a failure is one warning line, as for the rest of tracking."""
+    from tunelab.track.worker import open_worker
+
+    worker = open_worker(run_dir)
+    if worker is not None:  # the run's own tracking process, still open: it logs the report and ends
+        worker.report_and_close()
+        return
     run = RunDir(run_dir)
     tracked = (run.manifest().get("mlflow") or {}) if run.is_run() else {}
     if not tracked.get("run_id"):
@@ -292,13 +331,27 @@ def log_report(run_dir: str | Path, console: Console) -> None:
     tracker._safely("report logging", send)
 
 
-def start_tracking(cfg, run: RunDir, console: Console, resume: bool = False) -> Tracker | None:
-    """The tracker for a training run, or None when track.enabled is off."""
+IN_PROCESS = False  # True: a training run's tracking runs in the training process (tests that patch MlflowClient)
+
+
+def open_tracking(cfg, console: Console, resume_dir: str | None = None):
+    """The tracker of a training run, or None when track.enabled is off; call it as early as the run is known to
+    go ahead, then .start(run, ...) once its directory exists.
+
+    By default a TrackingWorker (track/worker.py): a process of its own that imports mlflow and opens the store
+    while this one loads torch and the model, on another core, and then does every MLflow call of the run.
+    The training process never imports mlflow, so tracking costs it a few pipe writes. IN_PROCESS: a Tracker
+    here, which does the same calls in this process when .start is called.
+    """
     if not cfg.track.enabled:
         return None
-    tracker = Tracker(console)
-    tracker.start(run, cfg.track, cfg.output.dir, resume)
-    return tracker
+    if IN_PROCESS:
+        return Tracker(console)
+    from tunelab.track.worker import TrackingWorker
+
+    manifest = RunDir(resume_dir).manifest() if resume_dir else None
+    return TrackingWorker(console, planned_uri(cfg.track, cfg.output.dir, manifest),
+                          None if resume_dir else cfg.track.experiment)
 
 
 # --------------------------------------------------------------------------- parent runs (compare, sweep)

@@ -85,28 +85,28 @@ def run_training(
     if cfg.data.checks != "off" and not resume_dir:
         _check_data(cfg, splits, console)
 
-    # Heavy imports (torch, transformers) only after the data passed: a bad line is reported in seconds.
-    from tunelab.methods import get_method
-    from tunelab.models.loading import check_attention, load_hf_config, quiet_transformers
-    from tunelab.runtime.distributed import on_main_then_share
-    from tunelab.train.loop import FineTune
+    tracker = None
+    if is_main_process():
+        from tunelab.track.tracking import open_tracking
 
-    quiet_transformers()
-    # An unknown model name, or a technique that cannot apply to it, fails here: before a run directory exists.
-    _, hf_config = load_hf_config(cfg.model)
-    get_method(cfg.method.name).check(cfg.method, hf_config, cfg.task)
-    check_attention(cfg.model.attention)
-    run = RunDir(resume_dir) if resume_dir else on_main_then_share(lambda: create_run_dir(cfg))
+        # Tracking's slow start (import mlflow, open the store) runs in a process of its own from here, on
+        # another core while this one imports torch and loads the model (track/worker.py).
+        tracker = open_tracking(cfg, console, resume_dir)
+    try:
+        run = _open_run(cfg, resume_dir)
+    except BaseException:
+        if tracker is not None:
+            tracker.close()
+        raise
     if resume_dir and is_main_process():
         run.claim()  # running again, owned by this process
         for leftover in run.clean_temporary():
             console.print(f"[dim]run   removed {leftover.name}, left by a write that was cut short[/]")
     console.print(f"run   {run.path}")
-    tracker = None
-    if is_main_process():
-        from tunelab.track.tracking import start_tracking
+    if tracker is not None:
+        tracker.start(run, cfg.track, cfg.output.dir, resume=resume_dir is not None)
+    from tunelab.train.loop import FineTune
 
-        tracker = start_tracking(cfg, run, console, resume=resume_dir is not None)
     try:
         recipe = FineTune(cfg, splits, run, console, on_eval=on_eval)
         recipe.setup(resume=resume_dir is not None)
@@ -140,6 +140,21 @@ def run_training(
     if tracker is not None:
         tracker.finish(run)  # the report is logged to the same MLflow run once written (tracking.log_report)
     return run, metrics
+
+
+def _open_run(cfg: RunConfig, resume_dir: str | None) -> RunDir:
+    """Heavy imports (torch, transformers) only after the data passed: a bad line is reported in seconds.
+    An unknown model name, or a technique that cannot apply to it, fails here: before a run directory exists."""
+    from tunelab.methods import get_method
+    from tunelab.models.loading import check_attention, load_hf_config, quiet_transformers
+    from tunelab.runtime.distributed import on_main_then_share
+    from tunelab.train.loop import FineTune  # noqa: F401 -- torch and transformers load here, tracking starts meanwhile
+
+    quiet_transformers()
+    _, hf_config = load_hf_config(cfg.model)
+    get_method(cfg.method.name).check(cfg.method, hf_config, cfg.task)
+    check_attention(cfg.model.attention)
+    return RunDir(resume_dir) if resume_dir else on_main_then_share(lambda: create_run_dir(cfg))
 
 
 def _record_failure(run: RunDir, err: BaseException) -> None:
