@@ -73,6 +73,7 @@ class _Batches:
 class _TaskTrainer:
     """What one task's steps run through and may change."""
 
+    name: str
     model: Any  # the task's model: the shared backbone and the task's own head
     params: list  # what its steps may change (gradient clipping covers exactly these)
     optimizer: Any
@@ -174,12 +175,12 @@ def train_multitask(mcfg: MultiTaskConfig, console=None) -> RunDir:
             method.set_adapter(backbone, adapters[name])  # makes that adapter trainable
             optimizer = build_optimizer(torch.nn.ParameterList(params), lr, train.weight_decay, train.optimizer, cpu)
             scheduler = build_scheduler(optimizer, train.scheduler, max(1, schedule.count(name)), train.warmup_ratio)
-            trainers[name] = _TaskTrainer(models[name], params, optimizer, scheduler, adapters[name])
+            trainers[name] = _TaskTrainer(name, models[name], params, optimizer, scheduler, adapters[name])
     else:
         optimizer = build_optimizer(everything, lr, train.weight_decay, train.optimizer, cpu)
         scheduler = build_scheduler(optimizer, train.scheduler, steps, train.warmup_ratio)
         params = list(everything.parameters())
-        trainers = {name: _TaskTrainer(models[name], params, optimizer, scheduler, None) for name in names}
+        trainers = {name: _TaskTrainer(name, models[name], params, optimizer, scheduler, None) for name in names}
     # Trainable = what the optimizers update (with adapter_per_task, requires_grad follows the active adapter).
     updated = {id(p): p for t in trainers.values() for g in t.optimizer.param_groups for p in g["params"]}
     trainable, total = sum(p.numel() for p in updated.values()), count_parameters(everything)[1]
