@@ -137,7 +137,12 @@ def test_adapter_per_task_saves_each_task_its_own_adapter_that_reloads_to_the_re
         adapters[name] = load_file(str(files.backbone / "adapter_model.safetensors"))
         heads[name] = load_file(str(files.head))
         assert all(".task1." not in k and ".default." not in k for k in adapters[name])
+        assert any(k.endswith("lora_B.weight") and t.abs().sum() > 0 for k, t in adapters[name].items())  # trained
         model = TrainedModel(run.path)
+        # the load took every saved tensor (PEFT would leave a key it does not recognise at its initial value)
+        loaded = {k: v for k, v in model.model.backbone.state_dict().items() if "lora_" in k}
+        assert len(loaded) == len(adapters[name])
+        assert all(torch.equal(loaded[k.replace(".weight", ".default.weight")], t) for k, t in adapters[name].items())
         test = str(tmp_path / f"{name}-test.jsonl")
         assert model.evaluate_file(test)["accuracy"] == pytest.approx(metrics["tasks"][name]["accuracy"])
         assert json.loads(run.metrics_path.read_text())["multitask"]["sharing"] == "adapter_per_task"
@@ -165,6 +170,7 @@ def test_a_step_of_one_task_leaves_the_other_tasks_adapter_and_head_bitwise_unch
     # Negative control: the same watch on one shared adapter sees both tasks' steps change the same tensors.
     record.clear()
     raw = per_task_raw(tmp_path, tiny_encoder, sharing="shared_adapter", output={"dir": str(tmp_path), "name": "s"})
+    raw["train"]["max_steps"] = 2  # one step of each task is enough to see it
     train_multitask(MultiTaskConfig.model_validate(raw))
     touched = {"reviews": set(), "questions": set()}
     for name, adapter, changed in record:
