@@ -370,7 +370,8 @@ class SamplingConfig(_Section):
 
 
 class MultiTaskConfig(_Section):
-    """A `tasks:` config: one backbone adapter shared by every task, one classification head per task."""
+    """A `tasks:` config: one classification head per task on one base model, sharing either one adapter
+    (shared_adapter) or only the frozen base, with an adapter per task (adapter_per_task)."""
 
     task: Literal["classification"] = "classification"
     model: ModelConfig
@@ -381,6 +382,11 @@ class MultiTaskConfig(_Section):
     output: OutputConfig = Field(default_factory=OutputConfig)
     tasks: list[TaskSpec] = Field(min_length=2, description="Two or more tasks, each with its own data and labels.")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    sharing: Literal["shared_adapter", "adapter_per_task"] = Field(
+        "shared_adapter",
+        description="What the tasks share: shared_adapter = one adapter trained on every task's steps (tasks "
+        "help or hurt each other); adapter_per_task = only the frozen base, each task training its own adapter "
+        "on its own steps (no interference, k adapters; PEFT techniques only).")
     baselines: dict[str, str] = Field(
         default_factory=dict, description="Task name -> a single-task run directory to compare with in the report.")
 
@@ -394,11 +400,16 @@ class MultiTaskConfig(_Section):
             raise ValueError(f"baselines: {', '.join(unknown)} is not a task name ({', '.join(names)})")
         if self.train.max_steps is None:
             raise ValueError("train.max_steps is required with tasks: the budget is counted in steps over all tasks")
+        refusal = METHODS[self.method.name].named_adapters_refusal
+        if self.sharing == "adapter_per_task" and refusal:
+            able = ", ".join(m.name for m in METHODS.values() if m.named_adapters_refusal is None)
+            raise ValueError(f"sharing: adapter_per_task keeps one named adapter per task on one base, and method "
+                             f"'{self.method.name}' cannot ({refusal}); use one of {able}, or shared_adapter")
         return self
 
     def task_config(self, spec: TaskSpec) -> RunConfig:
         """The single-task config of one task: what its run directory under tasks/ records."""
-        raw = self.model_dump(mode="json", exclude={"tasks", "sampling", "baselines"})
+        raw = self.model_dump(mode="json", exclude={"tasks", "sampling", "sharing", "baselines"})
         raw["data"] = spec.data.model_dump(mode="json")
         raw["output"]["name"] = spec.name
         return validate_config(raw)

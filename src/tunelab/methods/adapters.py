@@ -170,6 +170,7 @@ class BottleneckAdapter(Method):
                      "`tunelab serve RUN_DIR`")
     adapter_refusal = ("its adapter layers are tunelab's own modules, not a PEFT layout: serve the run with "
                        "`tunelab serve RUN_DIR`")
+    named_adapters_refusal = "its adapter layers are tunelab's own modules, one unnamed set per model"
     # 1e-3: 20x full fine-tuning's rate and 2x LoRA's. W_up starts at zero and the bottleneck is narrow
     # (24 units for MiniLM at reduction 16), so smaller rates barely move the model in a short run.
     # Houlsby et al. searched up to 3e-3; AdapterHub's 1e-4 goes with its 10+ epoch recipes.

@@ -67,6 +67,9 @@ class Method:
     merge_refusal: str | None = None
     # Why it has no PEFT adapter folder (`tunelab export --format adapter`); None = save() writes one.
     adapter_refusal: str | None = None
+    # Why it cannot keep one named adapter per task on one copy of the base model (multi-task
+    # `sharing: adapter_per_task`); None = add_adapter, set_adapter and save_adapter work.
+    named_adapters_refusal: str | None = "it has no named adapters to keep one per task on a shared base"
 
     def learning_rate(self, cfg) -> float:
         """The rate used when train.lr is null; a technique whose knobs change what a good rate is overrides it."""
@@ -102,6 +105,19 @@ class Method:
 
     def load(self, base_backbone: nn.Module, out_dir: Path) -> nn.Module:
         """Rebuild the trained backbone from a fresh base and what save() wrote."""
+        raise NotImplementedError
+
+    def add_adapter(self, backbone: nn.Module, cfg, task: str, adapter_name: str) -> None:
+        """Add a freshly initialised adapter named `adapter_name` beside those `backbone` (from apply()) carries;
+        it is not made active. Only called when named_adapters_refusal is None."""
+        raise NotImplementedError
+
+    def set_adapter(self, backbone: nn.Module, adapter_name: str) -> None:
+        """Make `adapter_name` the adapter the forward pass goes through (so the only one that gets gradients)."""
+        raise NotImplementedError
+
+    def save_adapter(self, backbone: nn.Module, out_dir: Path, adapter_name: str) -> None:
+        """Write one named adapter exactly as save() writes a run's only adapter, so load() reads it back."""
         raise NotImplementedError
 
     def merged(self, backbone: nn.Module, saved_dir: Path) -> nn.Module:

@@ -24,6 +24,7 @@ class FullFineTuning(Method):
     config_class = FullMethod
     default_lr = 5e-5
     adapter_refusal = "full fine-tuning changes every weight, so there is no adapter to export: use --format merged"
+    named_adapters_refusal = "full fine-tuning trains the base weights themselves, so no frozen base is left to share"
 
     def apply(self, backbone: nn.Module, cfg, task: str) -> nn.Module:
         backbone.requires_grad_(True)

@@ -35,6 +35,8 @@ def peft_type_of(backbone: nn.Module) -> str | None:
 class PeftMethod(Method):
     """Shared apply/save/load: subclasses only say which PEFT config to build."""
 
+    named_adapters_refusal = None  # PEFT keeps several named adapters on one base and switches between them
+
     def peft_config(self, backbone: nn.Module, cfg, task: str):
         raise NotImplementedError
 
@@ -50,6 +52,22 @@ class PeftMethod(Method):
     def save(self, backbone: nn.Module, out_dir: Path, state_dict: dict | None = None) -> None:
         # PEFT picks the adapter's own tensors out of a whole-model state_dict when one is given.
         backbone.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
+
+    def add_adapter(self, backbone: nn.Module, cfg, task: str, adapter_name: str) -> None:
+        backbone.add_adapter(adapter_name, self.peft_config(backbone, cfg, task))
+
+    def set_adapter(self, backbone: nn.Module, adapter_name: str) -> None:
+        backbone.set_adapter(adapter_name)  # PEFT also turns requires_grad off on the other LoRA/IA3 adapters
+
+    def save_adapter(self, backbone: nn.Module, out_dir: Path, adapter_name: str) -> None:
+        # PEFT writes an adapter other than "default" into out_dir/<name>/, with its tensors' keys stripped of
+        # the name; load() reads out_dir itself as the default adapter, so the files move up one level.
+        backbone.save_pretrained(out_dir, safe_serialization=True, selected_adapters=[adapter_name])
+        if adapter_name != "default":
+            nested = Path(out_dir) / adapter_name
+            for path in nested.iterdir():
+                path.replace(Path(out_dir) / path.name)
+            nested.rmdir()
 
     def load(self, base_backbone: nn.Module, out_dir: Path) -> nn.Module:
         import_peft()  # PEFT without bitsandbytes (see bitsandbytes_support)

@@ -93,10 +93,13 @@ def write_multitask_report(folder: str | Path) -> Path:
     recipe, train, table = data["recipe"], data["train"], data["tasks"]
     sampling = recipe["sampling"]
     how = sampling["strategy"] + (f" (T={sampling['temperature']})" if sampling["strategy"] == "temperature" else "")
+    sharing = recipe.get("sharing", "shared_adapter")  # runs written before the key existed shared one adapter
+    shared = {"shared_adapter": "one shared adapter, one head per task",
+              "adapter_per_task": "one adapter and one head per task on a shared frozen base"}[sharing]
     lines = [
-        f"# Multi-task run: {len(table)} tasks, one shared adapter, one head per task", "",
-        f"{train['steps']} steps in all ({train['wall_s']:.0f} s, {train['precision']}), tasks sampled {how}; "
-        f"loss weights {recipe['loss_weights']}.", "",
+        f"# Multi-task run: {len(table)} tasks, {shared}", "",
+        f"Sharing: `{sharing}`. {train['steps']} steps in all ({train['wall_s']:.0f} s, {train['precision']}), "
+        f"tasks sampled {how}; loss weights {recipe['loss_weights']}.", "",
         "| task | training rows | sampling p | steps | multi-task accuracy | single-task accuracy | single-task steps "
         "| multi - single |",
         "|---|---|---|---|---|---|---|---|",
@@ -110,8 +113,9 @@ def write_multitask_report(folder: str | Path) -> Path:
     series = {"multi-task": [table[n]["accuracy"] for n in names]}
     if all("single_task_accuracy" in table[n] for n in names):
         series = {"single-task": [table[n]["single_task_accuracy"] for n in names], **series}
-    png = plots.grouped_bars(run.plots_dir / "multitask.png", names, series, ylabel="test accuracy",
-                             title="One shared adapter vs one adapter per task", digits=3, xlabel="task")
+    title = f"Multi-task ({sharing})" + (" vs single-task runs" if len(series) > 1 else "")
+    png = plots.grouped_bars(run.plots_dir / "multitask.png", names, series, ylabel="test accuracy", title=title,
+                             digits=3, xlabel="task")
     lines += ["", f"![accuracy per task]({png.relative_to(run.path).as_posix()})"]
     atomic_write_text(run.report_md, "\n".join(lines) + "\n")
     return run.report_md
