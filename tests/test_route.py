@@ -49,7 +49,9 @@ def test_router_predict_names_the_adapter_and_a_tag_overrides_it(runs, tmp_path)
     folder = build_router([runs["reviews"], runs["questions"]], tmp_path / "r", per_task=48, evaluate=False)
     assert RunDir(folder.path).is_router() and not folder.metrics_path.exists()
     router = Router(folder.path)
-    routed = router.predict(["what is the tallest mountain in africa ?", "a warm , funny and moving film ."])
+    # Written as each data set writes its texts (TREC capitalises; SST-2 is lower-cased): 48 training inputs a
+    # task are too few for the n-grams to see past case, which a router trained on thousands does.
+    routed = router.predict(["What is the tallest mountain in Africa ?", "a warm , funny and moving film ."])
     assert [r["adapter"] for r in routed] == ["questions", "reviews"]
     assert routed[0]["label"] in RunDir(runs["questions"]).labels() and routed[0]["routed_by"] == "router"
     tagged = router.predict(["what is the tallest mountain in africa ?"], task="reviews")
@@ -67,3 +69,66 @@ def test_router_refusals_are_one_line(runs, tmp_path):
     with pytest.raises(TunelabError, match="not a run directory"):
         build_router([runs["reviews"], tmp_path], tmp_path / "bad")
     assert not (tmp_path / "one").exists() and not (tmp_path / "bad").exists()
+
+
+def test_router_keeps_both_classifiers_and_two_tasks_get_two_score_rows(runs, tmp_path):
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from tunelab.adapters.router import char_ngrams, embed
+
+    folder = build_router([runs["reviews"], runs["questions"]], tmp_path / "r2", per_task=48, evaluate=False)
+    recipe = json.loads((folder.path / "recipe.json").read_text())
+    assert recipe["char_ngrams"]["analyzer"] == "char_wb" and recipe["char_ngrams"]["ngram_range"] == [2, 5]
+    weights = load_file(str(folder.path / "router.safetensors"))
+    assert weights["weight"].shape == (2, 384) and weights["bias"].shape == (2,)
+    assert weights["ngram_log_prob"].shape == (2, 2 ** 18) and weights["ngram_log_prior"].shape == (2,)
+    router = Router(folder.path)
+    probes = ["What is the tallest mountain in Africa ?", "a warm , funny film ."]
+    probs = router.scores(probes)
+    assert np.allclose(probs.sum(-1), 1.0) and probs[0].argmax() == 1 and probs[1].argmax() == 0
+    # Each classifier alone, as reloaded from disk, must route the probes too: a weight matrix saved in the
+    # wrong memory order reloads as noise that the other classifier would hide.
+    t = router.tensors
+    by_embedding = np.asarray(embed(probes)) @ t["weight"].T + t["bias"]
+    by_ngrams = np.asarray(char_ngrams(probes, recipe["char_ngrams"]) @ t["ngram_log_prob"].T)
+    assert by_embedding.argmax(-1).tolist() == [1, 0] and by_ngrams.argmax(-1).tolist() == [1, 0]
+
+
+def test_a_router_folder_without_ngrams_still_routes_on_embeddings_alone(runs, tmp_path):
+    """Folders written before the n-gram features: recipe.json has no char_ngrams, weights are 384 wide."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from tunelab.adapters.router import embed, fit_logistic
+
+    folder = build_router([runs["reviews"], runs["questions"]], tmp_path / "old", per_task=48, evaluate=False)
+    recipe = json.loads((folder.path / "recipe.json").read_text())
+    del recipe["char_ngrams"]
+    (folder.path / "recipe.json").write_text(json.dumps(recipe))
+    texts = ["what is the capital of peru ?", "who wrote hamlet ?", "a dull , lifeless film .", "warm and funny ."]
+    weight, bias = fit_logistic(np.asarray(embed(texts)), [1, 1, 0, 0])
+    assert weight.shape == (2, 384)
+    save_file({"weight": weight, "bias": bias}, str(folder.path / "router.safetensors"))
+    assert [t for t, _ in Router(folder.path).route(["where is the eiffel tower ?", "a boring , tired film ."])] \
+        == ["questions", "reviews"]
+
+
+def test_router_arrays_survive_safetensors_for_three_or_more_tasks(tmp_path):
+    """scikit-learn's multinomial coef_ is Fortran-ordered; safetensors.numpy writes memory as it lies, so an
+    array not made C-contiguous reloads scrambled (a router at chance). Two tasks never showed it."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    from tunelab.adapters.router import fit_logistic, fit_naive_bayes
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(90, 8)).astype(np.float32)
+    y = (np.arange(90) % 3).tolist()
+    x[np.arange(90), np.asarray(y)] += 3.0
+    weight, bias = fit_logistic(x, y)
+    log_prob, log_prior = fit_naive_bayes(np.abs(x), y, 0.1)
+    save_file({"weight": weight, "bias": bias, "p": log_prob, "q": log_prior}, str(tmp_path / "r.safetensors"))
+    back = load_file(str(tmp_path / "r.safetensors"))
+    assert weight.shape == (3, 8) and np.array_equal(back["weight"], weight) and np.array_equal(back["p"], log_prob)
+    assert ((x @ back["weight"].T + back["bias"]).argmax(-1) == np.asarray(y)).mean() > 0.9

@@ -39,7 +39,7 @@ def merge(
 def route_build(
     run_dirs: list[Path] = typer.Argument(..., help="Finished classification runs, one per task."),
     output: Path = typer.Option(..., "--output", help="Router folder to write."),
-    per_task: int = typer.Option(2000, "--per-task", min=10, help="Training inputs drawn from each task (seeded)."),
+    per_task: int = typer.Option(5000, "--per-task", min=10, help="At most this many training inputs from each task (seeded draw)."),
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Measure routing and end-to-end accuracy on the test sets."),
 ):
     """Train a router that picks each input's adapter; measured against the oracle that knows the task."""

@@ -55,13 +55,19 @@ def write_merge_report(folder: str | Path) -> Path:
     return run.report_md
 
 
+def _router_kind(info: dict) -> str:
+    """What the router is: routers from before the n-grams recorded only "logistic regression"."""
+    kind = info["kind"]
+    return kind if " on " in kind else f"{kind} on {info['encoder']} embeddings"
+
+
 def write_route_report(folder: str | Path) -> Path:
     run = RunDir(folder)
     data = json.loads(run.metrics_path.read_text())
     routing, e2e = data["routing"], data["end_to_end"]
     lines = [
         f"# Router over {len(routing['per_task'])} adapters", "",
-        f"{data['router']['kind']} on {data['router']['encoder']} embeddings "
+        f"{_router_kind(data['router'])} "
         f"({data['router']['train_inputs']} training inputs). Routing accuracy on the tasks' test inputs: "
         f"**{routing['accuracy']:.4f}**. End to end, mean over tasks: router {e2e['mean_routed']:.4f}, "
         f"oracle (the task is known) {e2e['mean_oracle']:.4f} ({e2e['mean_routed'] - e2e['mean_oracle']:+.4f}).", "",
