@@ -14,7 +14,7 @@ from tunelab.errors import TunelabError
 
 
 def evaluate_router(router, sources: list[Source], say) -> dict:
-    from tunelab.adapters.router import _texts, embed
+    from tunelab.adapters.router import _texts
 
     texts, gold_task, gold_label = [], [], []
     for k, s in enumerate(sources):
@@ -25,7 +25,7 @@ def evaluate_router(router, sources: list[Source], say) -> dict:
         gold_label += [r["label"] for r in rows]
         gold_task += [k] * len(rows)
     say(f"route  embedding {len(texts)} test inputs")
-    routes = router.route(texts, embed(texts, router.recipe["encoder"]))
+    routes = router.route(texts, router.embed(texts))
     chosen = [router.tasks.index(t) for t, _ in routes]
     n = len(sources)
     confusion = [[0] * n for _ in range(n)]

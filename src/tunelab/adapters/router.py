@@ -24,6 +24,7 @@ the n-gram one) and recipe.json (encoder, n-gram settings, the tasks in output o
 from __future__ import annotations
 
 import random
+import threading
 from pathlib import Path
 
 from tunelab.adapters.sources import Source, output_folder, read_sources
@@ -43,31 +44,46 @@ EMBEDDING_WEIGHTS = (0.5, 1.0, 2.0, 3.0, 5.0)
 
 
 def embed(texts: list[str], encoder: str = ENCODER, batch_size: int = 64, log=None):
-    """Mean-pooled, L2-normalised embeddings (n x hidden), computed shortest texts first to pad little."""
-    import torch
-    from transformers import AutoModel
+    """Mean-pooled, L2-normalised embeddings (n x hidden) with a freshly loaded encoder. Anything that embeds
+    more than once (a Router, a server) holds an Encoder instead, so the model is read from disk once."""
+    return Encoder(encoder)(texts, batch_size)
 
-    from tunelab.config import ModelConfig
-    from tunelab.models.loading import load_hf_config, load_tokenizer
-    from tunelab.runtime.hardware import usable_cores
 
-    torch.set_num_threads(usable_cores())
-    model_cfg = ModelConfig(name=encoder)
-    source, _ = load_hf_config(model_cfg)
-    tokenizer = load_tokenizer(source, model_cfg)
-    model = AutoModel.from_pretrained(source, dtype=torch.float32).eval()
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out = torch.empty(len(texts), model.config.hidden_size)
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=MAX_LENGTH,
-                            return_tensors="pt")
-            hidden = model(**enc).last_hidden_state
-            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-            out[idx] = torch.nn.functional.normalize(pooled, dim=-1)
-    return out
+class Encoder:
+    """The router's sentence embedder, loaded once: tokenizer and model, in fp32, in eval mode."""
+
+    def __init__(self, name: str = ENCODER):
+        import torch
+        from transformers import AutoModel
+
+        from tunelab.config import ModelConfig
+        from tunelab.models.loading import load_hf_config, load_tokenizer
+
+        model_cfg = ModelConfig(name=name)
+        source, _ = load_hf_config(model_cfg)
+        self.name = name
+        self.tokenizer = load_tokenizer(source, model_cfg)
+        self.model = AutoModel.from_pretrained(source, dtype=torch.float32).eval()
+
+    def __call__(self, texts: list[str], batch_size: int = 64):
+        """Embeddings computed shortest texts first, to pad little."""
+        import torch
+
+        from tunelab.runtime.hardware import usable_cores
+
+        torch.set_num_threads(usable_cores())
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = torch.empty(len(texts), self.model.config.hidden_size)
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                enc = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=MAX_LENGTH,
+                                     return_tensors="pt")
+                hidden = self.model(**enc).last_hidden_state
+                mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+                out[idx] = torch.nn.functional.normalize(pooled, dim=-1)
+        return out
 
 
 def char_ngrams(texts: list[str], settings: dict):
@@ -166,7 +182,8 @@ def build_router(run_dirs: list[Path], output: Path, per_task: int = 5000, encod
         texts += rows
         targets += [k] * len(rows)
     say(f"route  embedding {len(texts)} training inputs of {len(sources)} tasks with {encoder}")
-    x = np.asarray(embed(texts, encoder), dtype=np.float32)
+    embedder = Encoder(encoder)  # read once: the evaluation below routes with it too
+    x = np.asarray(embedder(texts), dtype=np.float32)
     counts = char_ngrams(texts, CHAR_NGRAMS)
     weight_of_embedding, validation = choose_embedding_weight(x, counts, targets)
     say(f"route  embedding weight {weight_of_embedding:g} (held-out routing accuracy by weight: "
@@ -186,7 +203,7 @@ def build_router(run_dirs: list[Path], output: Path, per_task: int = 5000, encod
         router_info = {"kind": _describe(recipe), "encoder": encoder, "held_out_accuracy_by_weight": validation,
                            "train_inputs": len(texts)}
         if evaluate:
-            router = Router(tmp, sources=sources)
+            router = Router(tmp, sources=sources, encoder=embedder)
             metrics = evaluate_router(router, sources, say)
             atomic_write_json(folder.metrics_path, {"router": router_info, **metrics})
     return RunDir(output)
@@ -195,25 +212,38 @@ def build_router(run_dirs: list[Path], output: Path, per_task: int = 5000, encod
 class Router:
     """A router folder, loaded: route(texts) -> task names, predict(texts) -> the chosen adapter's answers."""
 
-    def __init__(self, folder: str | Path, sources: list[Source] | None = None):
+    def __init__(self, folder: str | Path, sources: list[Source] | None = None, encoder: Encoder | None = None):
         from safetensors.numpy import load_file
 
         run = RunDir(folder)
         if not run.is_router():
             raise TunelabError(f"{folder}: not a router folder (no router.safetensors and recipe.json)")
+        self.folder = Path(folder)
         self.recipe = run.recipe()
         self.tasks = [t["task"] for t in self.recipe["tasks"]]
         self.tensors = load_file(str(run.router_weights))
         self._sources = {s.name: s for s in sources} if sources else None
         self._models: dict[str, object] = {}
+        self._encoder = encoder
+        self._encoder_lock = threading.Lock()  # a server's threads must not load it twice
+
+    def encoder(self) -> Encoder:
+        """The embedder, loaded on first use and kept: every later route() reuses it."""
+        with self._encoder_lock:
+            if self._encoder is None:
+                self._encoder = Encoder(self.recipe["encoder"])
+            return self._encoder
+
+    def embed(self, texts: list[str]):
+        return self.encoder()(texts)
 
     def run_dir(self, task: str) -> Path:
         if self._sources is not None:
             return self._sources[task].path
         path = Path(next(t["run_dir"] for t in self.recipe["tasks"] if t["task"] == task))
         if not path.is_dir():
-            raise TunelabError(f"router task '{task}': its run {path} is not here (run directories are named as "
-                               "given to route build, relative to where it ran)")
+            raise TunelabError(f"{self.folder}: router task '{task}': its run {path} is not here (run directories "
+                               "are named as given to route build, relative to where it ran)")
         return path
 
     def scores(self, texts: list[str], embeddings=None):
@@ -221,7 +251,7 @@ class Router:
         import numpy as np
 
         if embeddings is None:
-            embeddings = embed(texts, self.recipe["encoder"])
+            embeddings = self.embed(texts)
         t = self.tensors
         logits = np.asarray(embeddings, dtype=np.float32) @ t["weight"].T + t["bias"]
         if self.recipe.get("char_ngrams"):

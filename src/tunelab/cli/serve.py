@@ -24,8 +24,9 @@ def _require_serving_extra() -> None:
 
 @app.command()
 def serve(
-    sources: list[str] = typer.Argument(..., help="Run directories to serve, as PATH or NAME=PATH (the name "
-                                        "requests put in 'model'; default: the folder name)."),
+    sources: list[str] = typer.Argument(..., help="Run directories, export folders or router folders to serve, as "
+                                        "PATH or NAME=PATH (the name requests put in 'model'; default: the folder "
+                                        "name, and 'auto' for a router, whose task runs are served by task name)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; 0.0.0.0 exposes it to the network."),
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port; 0 picks a free one."),
     api_keys: Optional[Path] = typer.Option(None, "--api-keys", help="Keys file (tunelab keys add); without it "
@@ -49,7 +50,7 @@ def serve(
     """Serve runs over an OpenAI-compatible HTTP API; runs on one base model share one copy of it."""
     _require_serving_extra()
     from tunelab.serve.auth import KeyStore, parse_rate
-    from tunelab.serve.registry import parse_source
+    from tunelab.serve.registry import parse_source, router_runs
     from tunelab.serve.server import serve as run_server
     from tunelab.serve.state import ServeSettings
 
@@ -58,10 +59,14 @@ def serve(
     parsed = [parse_source(s) for s in sources]
     names = [n for n, _ in parsed]
     for name, path in parsed:
-        if names.count(name) > 1:
-            raise TunelabError(f"two sources are named '{name}': name them, e.g. {name}-2={path}")
-        if not RunDir(path).is_run() and not (path / "export.json").is_file():
+        if RunDir(path).is_router():  # its task runs must be here, and are served under their task names
+            names += list(router_runs(path)[1])
+        elif not RunDir(path).is_run() and not (path / "export.json").is_file():
             raise TunelabError(f"{path}: not a run directory (no config.yaml)")
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice is not None:
+        raise TunelabError(f"two sources are named '{twice}' (a router's tasks are served by task name): name one, "
+                           f"e.g. {twice}-2=PATH")
     if api_keys is not None:
         KeyStore.load(api_keys)  # a bad keys file fails here, in one line, before anything loads
     settings = ServeSettings(

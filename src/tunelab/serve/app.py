@@ -24,7 +24,7 @@ from tunelab.errors import TunelabError
 from tunelab.serve import protocol as p
 from tunelab.serve.auth import ANONYMOUS, retry_after_header
 from tunelab.serve.batcher import Overloaded
-from tunelab.serve.engine import ClassifyJob, GenerationJob
+from tunelab.serve.engine import ClassifyJob, GenerationJob, RouteJob
 from tunelab.serve.registry import NAME_PATTERN
 from tunelab.serve.state import RequestContext, ServerState
 
@@ -188,6 +188,10 @@ def create_app(state: ServerState) -> FastAPI:
             raise ApiError(404, f"model '{name}' is not loaded; loaded: {', '.join(state.registry.names())}",
                            code="model_not_found", param="model")
         ctx.model_version = served.version
+        if served.method == "router" and endpoint != "classify":
+            raise ApiError(400, f"model '{name}' is a router that picks a classification adapter "
+                           f"({', '.join(served.adapters)}) for each input: use /v1/classify", code="wrong_endpoint",
+                           param="model")
         wants_classifier = endpoint == "classify"
         if wants_classifier != (served.task == "classification"):
             hint = "/v1/classify" if served.task == "classification" else "/v1/chat/completions or /v1/completions"
@@ -325,8 +329,35 @@ def create_app(state: ServerState) -> FastAPI:
 
     # ------------------------------------------------------------------ classification
 
+    async def classify_routed(routed, texts: list[str]) -> tuple[list[dict], int, int]:
+        """model auto: route the texts (batched with other auto requests), then send each task's share to that
+        task's served adapter through the batcher like any classify request. Results keep the input order."""
+        route = RouteJob(texts)
+        await submit(routed, route).future
+        shares: dict[str, list[int]] = {}
+        for i, (task, _) in enumerate(route.routes):
+            shares.setdefault(task, []).append(i)
+        jobs = []
+        for task, idx in shares.items():
+            served = state.registry.get(task)
+            if served is None:
+                raise ApiError(503, f"model '{routed.name}' routed inputs to '{task}', which is not loaded",
+                               "server_error", "adapter_not_loaded")
+            job = ClassifyJob([texts[i] for i in idx])
+            jobs.append((task, idx, job, submit(served, job)))
+        done = await asyncio.gather(*(pending.future for *_, pending in jobs), return_exceptions=True)
+        for outcome in done:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        results: list[dict] = [{}] * len(texts)
+        for task, idx, job, _ in jobs:
+            for i, r in zip(idx, job.results):
+                results[i] = {**r, "adapter": task, "route_score": route.routes[i][1]}
+        return (results, sum(job.prompt_tokens for _, _, job, _ in jobs),
+                max(pending.batch_size for *_, pending in jobs))
+
     @app.post("/v1/classify", response_model=p.ClassifyResponse, responses={400: {"model": p.ErrorResponse}},
-              tags=["tunelab"])
+              response_model_exclude_none=True, tags=["tunelab"])
     async def classify(body: p.ClassifyRequest, request: Request, key=Depends(authorize)):
         ctx = _ctx(request)
         served = served_model(request, body.model, "classify")
@@ -334,18 +365,21 @@ def create_app(state: ServerState) -> FastAPI:
         if not texts or len(texts) > state.settings.max_inputs:
             raise ApiError(400, f"input: give 1 to {state.settings.max_inputs} texts", param="input")
         ctx.payload_in = texts
-        job = ClassifyJob(texts)
-        pending = submit(served, job)
-        await pending.future
-        ctx.prompt_tokens, ctx.batch_size, ctx.payload_out = job.prompt_tokens, pending.batch_size, job.results
+        if served.method == "router":
+            results, tokens, batch_size = await classify_routed(served, texts)
+        else:
+            job = ClassifyJob(texts)
+            pending = submit(served, job)
+            await pending.future
+            results, tokens, batch_size = job.results, job.prompt_tokens, pending.batch_size
+        ctx.prompt_tokens, ctx.batch_size, ctx.payload_out = tokens, batch_size, results
         state.finish(ctx, 200)
-        return p.ClassifyResponse(model=body.model, usage=p.Usage(prompt_tokens=job.prompt_tokens,
-                                                                  total_tokens=job.prompt_tokens),
-                                  data=[p.ClassifyResult(index=i, **r) for i, r in enumerate(job.results)])
+        return p.ClassifyResponse(model=body.model, usage=p.Usage(prompt_tokens=tokens, total_tokens=tokens),
+                                  data=[p.ClassifyResult(index=i, **r) for i, r in enumerate(results)])
 
     # ------------------------------------------------------------------ models, admin
 
-    @app.get("/v1/models", response_model=p.ModelList, tags=["openai"])
+    @app.get("/v1/models", response_model=p.ModelList, response_model_exclude_none=True, tags=["openai"])
     async def list_models(request: Request, key=Depends(authorize)):
         state.finish(_ctx(request), 200)
         return p.ModelList(data=[_card(m) for m in state.registry.models()])
@@ -372,7 +406,11 @@ def create_app(state: ServerState) -> FastAPI:
     @app.delete("/admin/models/{name}", tags=["admin"])
     async def admin_unload(name: str, request: Request, key=Depends(require_admin)):
         _ctx(request).model = name
-        if not state.unload_model(name):
+        try:
+            unloaded = state.unload_model(name)
+        except TunelabError as e:
+            raise ApiError(400, str(e), param="name") from None
+        if not unloaded:
             raise ApiError(404, f"model '{name}' is not loaded", code="model_not_found")
         state.finish(_ctx(request), 200)
         return {"id": name, "object": "model", "deleted": True}
@@ -407,8 +445,8 @@ def _usage(prompt_tokens: int, job: GenerationJob) -> dict:
 
 
 def _card(m) -> p.ModelCard:
-    return p.ModelCard(id=m.name, created=int(m.loaded_unix),
-                       task=m.task, method=m.method, base_model=m.base_model, labels=m.labels, version=m.version)
+    return p.ModelCard(id=m.name, created=int(m.loaded_unix), task=m.task, method=m.method, base_model=m.base_model,
+                       labels=m.labels, version=m.version, adapters=getattr(m, "adapters", None))
 
 
 def _sse(obj: dict) -> str:

@@ -17,7 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from tunelab.serve.engine import ClassifyJob, GenerationJob, run_classify, run_generate
+from tunelab.serve.engine import ClassifyJob, GenerationJob, RouteJob, run_classify, run_generate, run_route
 
 
 class Overloaded(Exception):
@@ -29,14 +29,14 @@ class Overloaded(Exception):
 @dataclass
 class _Pending:
     served: object  # registry.ServedModel
-    job: ClassifyJob | GenerationJob
+    job: ClassifyJob | RouteJob | GenerationJob
     future: asyncio.Future
     arrived: float = field(default_factory=time.perf_counter)
     batch_size: int = 0
 
     @property
     def rows(self) -> int:
-        return len(self.job.texts) if isinstance(self.job, ClassifyJob) else 1
+        return 1 if isinstance(self.job, GenerationJob) else len(self.job.texts)
 
 
 class Batcher:
@@ -128,16 +128,21 @@ class Batcher:
         elapsed = time.perf_counter() - started
         self._seconds_per_batch = 0.8 * self._seconds_per_batch + 0.2 * elapsed
         if self.metrics is not None:
-            kind = "classify" if isinstance(group[0].job, ClassifyJob) else "generate"
+            kind = _KINDS[type(group[0].job)]
             self.metrics.batch_size.labels(served.name, kind).observe(rows)
         for p in group:
             if not p.future.done():
                 p.future.set_exception(error) if error else p.future.set_result(None)
 
 
+_KINDS = {ClassifyJob: "classify", RouteJob: "route", GenerationJob: "generate"}
+
+
 def _run_jobs(served, jobs: list) -> None:
     if isinstance(jobs[0], ClassifyJob):
         run_classify(served.trained, jobs)
+    elif isinstance(jobs[0], RouteJob):
+        run_route(served.router, jobs)
     else:
         run_generate(served.trained, jobs, served.trained.cfg.eval.repetition_penalty)
 

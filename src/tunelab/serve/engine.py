@@ -3,6 +3,9 @@
 Classification concatenates the texts of every request in the group and runs them through the run's own
 `TrainedModel.predict` (same tokenization, truncation, pooling and head as training and `tunelab predict`).
 
+Routing (model `auto`) runs the router's embedder and classifiers over the group's texts; each text then goes
+to its task adapter as a classification job of its own, batched with that adapter's other requests.
+
 Generation decodes the whole group together through transformers' `generate`, left-padded, and lets each
 sequence stop on its own. Why not call `generate` with its own sampling options: those are one setting per
 call, while each request carries its own temperature, top_p, seed, stop strings and max_tokens, and wants
@@ -34,6 +37,14 @@ class ClassifyJob:
     texts: list[str]
     results: list[dict] | None = None
     prompt_tokens: int = 0
+
+
+@dataclass
+class RouteJob:
+    """model `auto`: which task adapter each text goes to, as (task, router probability)."""
+
+    texts: list[str]
+    routes: list[tuple[str, float]] | None = None
 
 
 @dataclass
@@ -69,6 +80,15 @@ def run_classify(trained, jobs: list[ClassifyJob]) -> None:
         job.results = [{k: v for k, v in r.items() if k != "text"} for r in results[start:start + n]]
         job.prompt_tokens = sum(lengths[start:start + n])
         start += n
+
+
+def run_route(router, jobs: list[RouteJob]) -> None:
+    """Route every text of the group in one pass of the router's embedder (loaded when the router was)."""
+    routes = router.route([t for job in jobs for t in job.texts])
+    start = 0
+    for job in jobs:
+        job.routes = routes[start:start + len(job.texts)]
+        start += len(job.texts)
 
 
 def _held_back(text: str, stops: list[str]) -> int:

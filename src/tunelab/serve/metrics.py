@@ -50,7 +50,8 @@ class ServerMetrics:
                 if endpoint != "classify":
                     self.ttft.labels(name, key_id, endpoint)
                     self.generated_tokens.labels(name, key_id, endpoint)
-        self.batch_size.labels(name, "classify" if task == "classification" else "generate")
+        kind = "route" if method == "router" else "classify" if task == "classification" else "generate"
+        self.batch_size.labels(name, kind)
 
     def model_unloaded(self, name: str, task: str, method: str) -> None:
         self.loaded.labels(name, task, method).set(0)

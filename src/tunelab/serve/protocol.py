@@ -79,6 +79,8 @@ class ModelCard(BaseModel):
     base_model: str
     labels: list[str] = []
     version: int
+    adapters: Optional[list[str]] = Field(None, description="A router (model auto): the task adapters it picks "
+                                          "between, each also served under its own name.")
 
 
 class ModelList(BaseModel):
@@ -123,6 +125,9 @@ class ClassifyResult(BaseModel):
     label: str
     score: float
     scores: dict[str, float]
+    adapter: Optional[str] = Field(None, description="Model auto: the task adapter the router chose for this input "
+                                   "(label and scores are that adapter's).")
+    route_score: Optional[float] = Field(None, description="Model auto: the router's probability for that adapter.")
 
 
 class ClassifyResponse(BaseModel):

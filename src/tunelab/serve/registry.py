@@ -34,6 +34,7 @@ from tunelab.errors import TunelabError
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 SERVED_SCHEMA = 1
+ROUTER_NAME = "auto"  # what a router folder is served as unless NAME=PATH names it
 
 
 def now_iso() -> str:
@@ -47,10 +48,12 @@ def share_weights(module: nn.Module) -> nn.Module:
 
 
 def parse_source(spec: str) -> tuple[str, Path]:
-    """'NAME=PATH' or 'PATH' (named after its folder)."""
+    """'NAME=PATH' or 'PATH' (named after its folder; a router folder is named `auto`)."""
+    from tunelab.runtime.run_dir import RunDir
+
     name, sep, path = spec.partition("=")
     if not sep or "/" in name:
-        name, path = Path(spec).name, spec
+        name, path = (ROUTER_NAME if RunDir(Path(spec)).is_router() else Path(spec).name), spec
     if not NAME_PATTERN.match(name):
         raise TunelabError(f"model name '{name}' (from {spec}): use letters, digits, '.', '_', ':' or '-'")
     return name, Path(path)
@@ -125,6 +128,52 @@ class ServedModel:
     def weight_pointers(self) -> dict[str, int]:
         """data_ptr of every backbone weight by name: equal pointers mean one copy in memory."""
         return {n: p.data_ptr() for n, p in self.trained.model.backbone.named_parameters()}
+
+
+@dataclass
+class RoutedModel:
+    """A router folder, loaded: its name (`auto`) picks, per input, which of its task adapters answers. The
+    adapters are ordinary ServedModels under their task names; this holds only the router and its embedder."""
+
+    name: str
+    source: Path
+    router: object  # adapters.router.Router, its encoder already loaded
+    version: int
+    loaded_at: str = field(default_factory=now_iso)
+    lineage: dict = field(default_factory=dict)
+    loaded_unix: float = field(default_factory=time.time)
+    base_key: None = None  # holds no pooled base: its adapters do
+    trained: None = None
+
+    task = "classification"
+    method = "router"
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.router.tasks)
+
+    @property
+    def base_model(self) -> str:
+        return self.router.recipe["encoder"]
+
+    @property
+    def labels(self) -> list[str]:
+        """Every adapter's labels, in task order (each input gets only its own adapter's)."""
+        return list(dict.fromkeys(label for t in self.router.recipe["tasks"] for label in t.get("labels", [])))
+
+
+def router_runs(folder: Path) -> tuple[object, dict[str, Path]]:
+    """A router folder, read (its encoder not yet loaded), and its task runs by task name, checked before
+    anything loads: one line naming the folder when a run is gone."""
+    from tunelab.adapters.router import Router
+    from tunelab.runtime.run_dir import RunDir
+
+    router = Router(folder)
+    runs = {task: router.run_dir(task) for task in router.tasks}
+    for task, run in runs.items():
+        if not RunDir(run).is_run():
+            raise TunelabError(f"{folder}: router task '{task}': {run} is not a run directory (no config.yaml)")
+    return router, runs
 
 
 def _weights_sha256(run) -> dict[str, str]:
@@ -206,6 +255,8 @@ class ModelRegistry:
 
         path = Path(source)
         run = RunDir(path)
+        if run.is_router():
+            return self._load_router(name, path)
         if is_export(path) and not run.is_run():
             return self._load_export(name, path)
         if not run.is_run():
@@ -263,6 +314,35 @@ class ModelRegistry:
             }
             return self._install(name, path, trained, key, cfg, lineage)
 
+    def _load_router(self, name: str, path: Path) -> RoutedModel:
+        """Each task run under its task name (on the shared base, as any run), then the router under `name`.
+        The router's embedder is loaded here, once; requests only run it."""
+        router, runs = router_runs(path)
+        if name in runs:
+            raise TunelabError(f"{path}: the router's name '{name}' is also one of its tasks: name it, e.g. auto={path}")
+        with self._lock:
+            for task, run in runs.items():
+                current = self._models.get(task)
+                if current is not None and current.source.resolve() == run.resolve():
+                    continue  # already served from this very run (a router reloaded): keep it
+                try:
+                    self.load(task, run)
+                except TunelabError as e:
+                    raise TunelabError(f"{path}: router task '{task}': {e}") from None
+            router.encoder()
+            version = self._versions.get(name, 0) + 1
+            self._versions[name] = version
+            lineage = {
+                "name": name, "version": version, "source": str(path.resolve()), "source_type": "router",
+                "adapters": {task: str(run.resolve()) for task, run in runs.items()}, "task": "classification",
+                "method": "router", "base_model": router.recipe["encoder"], "loaded_at": now_iso(),
+                "unloaded_at": None,
+            }
+            return self._swap_in(RoutedModel(name, path, router, version, lineage["loaded_at"], lineage))
+
+    def routers_using(self, name: str) -> list[str]:
+        return [m.name for m in self._models.values() if isinstance(m, RoutedModel) and name in m.adapters]
+
     def _install(self, name: str, path: Path, trained, key: str | None, cfg, lineage: dict) -> ServedModel:
         version = self._versions.get(name, 0) + 1
         self._versions[name] = version
@@ -270,17 +350,22 @@ class ModelRegistry:
             "name": name, "version": version, "source": str(path.resolve()), **lineage, "task": cfg.task,
             "method": cfg.method.name, "base_model": cfg.model.name, "loaded_at": now_iso(), "unloaded_at": None,
         }
-        served = ServedModel(name, path, trained, version, key, lineage["loaded_at"], lineage)
-        old = self._models.get(name)
-        self._models[name] = served
+        return self._swap_in(ServedModel(name, path, trained, version, key, lineage["loaded_at"], lineage))
+
+    def _swap_in(self, served):
+        old = self._models.get(served.name)
+        self._models[served.name] = served
         if old is not None:
             self._retire(old)
-        self._history.append(lineage)
+        self._history.append(served.lineage)
         self._write_served_json()
         return served
 
     def unload(self, name: str) -> bool:
         with self._lock:
+            routers = self.routers_using(name)
+            if routers and name in self._models:
+                raise TunelabError(f"model '{name}' answers for router '{routers[0]}': unload '{routers[0]}' first")
             served = self._models.pop(name, None)
             if served is None:
                 return False

@@ -53,7 +53,7 @@ def serve(settings: ServeSettings, announce=print) -> int:
     state.on_fatal = fatal
     def ready() -> None:
         for served in state.registry.models():
-            if served.trained.precision_note:  # e.g. a bf16 run served on a CPU without native bf16
+            if getattr(served.trained, "precision_note", None):  # e.g. a bf16 run served on a CPU without native bf16
                 announce(f"note: {served.name}: {served.trained.precision_note}")
         announce(f"ready: {', '.join(state.registry.names())} ({state.registry.bases_loaded} shared base model(s) "
                  "in memory)")

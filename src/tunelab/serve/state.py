@@ -79,7 +79,8 @@ class ServerState:
 
     def load_model(self, name: str, source) -> object:
         served = self.registry.load(name, source)
-        self.metrics.model_loaded(name, served.task, served.method, self.key_ids)
+        for model in [served] + [self.registry.get(t) for t in getattr(served, "adapters", [])]:
+            self.metrics.model_loaded(model.name, model.task, model.method, self.key_ids)
         return served
 
     def unload_model(self, name: str) -> bool:
