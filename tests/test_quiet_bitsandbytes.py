@@ -96,3 +96,68 @@ def test_qlora_counts_logical_parameters_like_lora(tiny_decoder):
     assert count_parameters(qlora) == count_parameters(lora)
     # and QLoRA's layers were made safe to evaluate mid-run
     assert all(not m.support_avx512bf16_for_cpu for m in qlora.modules() if hasattr(m, "support_avx512bf16_for_cpu"))
+
+
+# Runs in a fresh interpreter: bitsandbytes asks its native library at import time whether the CPU has
+# AVX512-BF16, and only then reaches for the Hub kernel. The hook answers yes on any host (both branches run
+# everywhere), and a stand-in `kernels` module records whether bitsandbytes asked it for code.
+_HUB_KERNEL_PROBE = """
+import importlib.abc, importlib.util, sys, types
+asked = []
+fake = types.ModuleType("kernels")
+def get_kernel(repo, **kwargs):
+    asked.append(repo)
+    raise RuntimeError("offline stand-in")
+fake.get_kernel = get_kernel
+sys.modules["kernels"] = fake
+
+class AVX512BF16Host(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "bitsandbytes.backends.cpu.ops":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run = spec.loader.exec_module
+        def exec_module(module):
+            importlib.import_module("bitsandbytes.functional").has_avx512bf16 = lambda: True
+            run(module)
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, AVX512BF16Host())
+if GUARDED:
+    from tunelab.methods.bitsandbytes_support import import_bitsandbytes
+    bnb = import_bitsandbytes()
+else:
+    import bitsandbytes as bnb
+print(asked, sys.modules["kernels"] is fake, hasattr(bnb.nn, "Linear4bit"))
+"""
+
+
+@pytest.mark.parametrize("guarded", [True, False])
+def test_no_hub_kernel_is_fetched_when_bitsandbytes_is_imported(guarded):
+    """On an AVX512-BF16/AMX CPU bitsandbytes 0.50 would download and load a compiled kernel from the Hub while
+    it imports (kernels.get_kernel). Through import_bitsandbytes() it is never asked; the unguarded import is
+    the negative control that shows the hook really puts bitsandbytes on that path."""
+    proc = _python(f"GUARDED = {guarded}\n" + _HUB_KERNEL_PROBE)
+    assert proc.returncode == 0, proc.stderr
+    if guarded:
+        assert proc.stdout.split() == ["[]", "True", "True"]  # not asked; `kernels` given back afterwards
+        assert "kernels-community" not in proc.stderr  # the fallback notice is dropped too
+    else:
+        assert proc.stdout.split() == ["['kernels-community/quantization-bitsandbytes']", "True", "True"]
+
+
+def test_a_4bit_load_imports_bitsandbytes_through_tunelab_first():
+    """Loading a QLoRA run (its config.json holds the quantization config) or training one (a
+    BitsAndBytesConfig) goes through import_bitsandbytes() before transformers imports bitsandbytes itself."""
+    from transformers import BertConfig, BitsAndBytesConfig
+
+    from tunelab.models.loading import _uses_bitsandbytes
+
+    plain = BertConfig()
+    assert not _uses_bitsandbytes(plain, {})
+    assert _uses_bitsandbytes(plain, {"quantization_config": BitsAndBytesConfig(load_in_4bit=True)})
+    saved = BertConfig(quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True})
+    assert _uses_bitsandbytes(saved, {})
+    assert not _uses_bitsandbytes(BertConfig(quantization_config={"quant_method": "gptq"}), {})

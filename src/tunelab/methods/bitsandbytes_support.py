@@ -1,6 +1,6 @@
 """bitsandbytes only where it is used (QLoRA, 8-bit AdamW), and quiet and correct when it is.
 
-Three problems a user met, one fix each:
+Four problems a user met, one fix each:
 
 - PEFT imports bitsandbytes as soon as PEFT itself is imported (peft/helpers.py), and on CPUs with
   AVX512-BF16 bitsandbytes logs "Failed to load CPU gemm_4bit_forward from kernels-community" at import: every
@@ -14,6 +14,9 @@ Three problems a user met, one fix each:
   silently lost the gradient through every 4-bit layer; torch's only sign was "This may lead to silently
   incorrect behavior". `keep_4bit_layers_trainable()` turns the conversion off: evaluation then runs the same
   dequantize-and-matmul path as training (tests/test_quiet_bitsandbytes.py checks the gradients).
+- On the same CPUs bitsandbytes fetches that kernel from the Hugging Face Hub at import, through the `kernels`
+  package, when the machine is online: `import_bitsandbytes()` hides `kernels` while it imports, so no code
+  is downloaded and run without --trust-remote-code (tests/test_quiet_bitsandbytes.py checks it).
 """
 
 from __future__ import annotations
@@ -64,9 +67,28 @@ def _forget_cached_availability() -> None:
 
 
 def import_bitsandbytes():
-    """The real import, for QLoRA and 8-bit AdamW (ImportError when it is not installed)."""
-    import bitsandbytes
+    """The real import, for QLoRA and 8-bit AdamW (ImportError when it is not installed).
 
+    Without code from the Hub: on a CPU with AVX512-BF16 (AMX hosts too) bitsandbytes 0.50 calls
+    `kernels.get_kernel("kernels-community/quantization-bitsandbytes")` while it is imported. `kernels` is
+    installed with transformers, so on a machine with network access that downloads compiled code from the
+    Hub and loads it into the process, a remote-code decision nobody took (tunelab runs remote code only when
+    the command line says --trust-remote-code). The kernel serves the inference-only layout that
+    keep_4bit_layers_trainable() turns off anyway, so `kernels` is hidden while bitsandbytes imports:
+    bitsandbytes takes its own CPU code and logs the notice _DropKernelNotice drops.
+    """
+    if "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is not None:
+        return sys.modules["bitsandbytes"]
+    missing = object()
+    kernels = sys.modules.get("kernels", missing)
+    sys.modules["kernels"] = None  # `from kernels import get_kernel` raises ImportError
+    try:
+        import bitsandbytes
+    finally:
+        if kernels is missing:
+            del sys.modules["kernels"]
+        else:
+            sys.modules["kernels"] = kernels
     return bitsandbytes
 
 
