@@ -9,12 +9,16 @@ The bf16 row is also compared like for like, with the fp32 row of the same dropo
 dropout-0.1 baseline it would mix two changes. Each ratio is taken within a round (every setting once), and
 the table gives the median over the rounds with the spread (benchmarks/rounds.py, as vs_hf_trainer.py).
 
-    .venv/bin/python benchmarks/cpu_step_costs.py [ROUNDS]   # default 3; writes benchmarks/results/cpu_step_costs.md
+    .venv/bin/python benchmarks/cpu_step_costs.py [ROUNDS]   # default 3
+
+It writes benchmarks/results/cpu_step_costs.md (+ .json, every round's numbers) on a CPU that emulates bf16,
+and cpu_step_costs_native_bf16.md (+ .json) on one with AVX512-BF16 or AMX, so both hosts keep their table.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import platform
 import sys
 import time
@@ -31,7 +35,7 @@ from tunelab.models.registry import minilm_dir
 from tunelab.runtime.hardware import cpu_has_fast_bf16, describe, usable_cores
 
 BATCH, SEQ, STEPS = 16, 256, 3
-RESULTS = Path(__file__).parent / "results" / "cpu_step_costs.md"
+RESULTS_DIR = Path(__file__).parent / "results"
 LIKE_FOR_LIKE = {"bf16 autocast, all dropout 0": "fp32, all dropout 0"}  # same dropout, only the precision differs
 SETTINGS = [
     ("fp32, model's dropout (0.1)", {}, None),
@@ -96,9 +100,15 @@ def main() -> None:
         like = f"{spread_cell(paired_ratios(rounds, name, pair), '.3f')} vs {pair}" if pair else ""
         lines.append(f"| {name} | {spread_cell(speeds, ',.0f', '')} | {spread_cell(paired_ratios(rounds, name, base))} "
                      f"| {like} |")
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text("\n".join(lines) + "\n")
-    print(f"wrote {RESULTS}")
+    stem = "cpu_step_costs_native_bf16" if cpu_has_fast_bf16() else "cpu_step_costs"
+    RESULTS_DIR.mkdir(exist_ok=True)
+    (RESULTS_DIR / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    raw = {"cpu": hw["cpu"], "cores": hw["usable_cores"], "native_bf16": cpu_has_fast_bf16(),
+           "torch": torch.__version__, "batch": BATCH, "seq": SEQ, "steps": STEPS,
+           "command": f".venv/bin/python benchmarks/cpu_step_costs.py {rounds_wanted}",
+           "rounds": [{name: r[name][SPEED] for name in settings} for r in rounds]}
+    (RESULTS_DIR / f"{stem}.json").write_text(json.dumps(raw, indent=1) + "\n")
+    print(f"wrote {RESULTS_DIR / stem}.md and .json")
 
 
 if __name__ == "__main__":

@@ -109,9 +109,25 @@ def test_cpu_step_costs_compares_bf16_like_for_like(tmp_path, monkeypatch):
     costs = _load("cpu_step_costs")
     speeds = iter([721, 1089, 1255, 55, 55, 1255, 1089, 721])  # round 2 runs in reverse order (rounds.run_order)
     monkeypatch.setattr(costs, "tokens_per_s", lambda overrides, dtype: float(next(speeds)))
-    monkeypatch.setattr(costs, "RESULTS", tmp_path / "costs.md")
+    monkeypatch.setattr(costs, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(costs, "cpu_has_fast_bf16", lambda: False)
     monkeypatch.setattr(sys, "argv", ["cpu_step_costs.py", "2"])
     costs.main()
-    bf16 = next(line for line in (tmp_path / "costs.md").read_text().splitlines() if line.startswith("| bf16"))
+    bf16 = next(line for line in (tmp_path / "cpu_step_costs.md").read_text().splitlines() if line.startswith("| bf16"))
     assert "0.044x (0.044-0.044x, 2 runs) vs fp32, all dropout 0" in bf16
     assert "| 0.08x (0.08-0.08x, 2 runs) |" in bf16
+    raw = json.loads((tmp_path / "cpu_step_costs.json").read_text())
+    assert raw["native_bf16"] is False and raw["rounds"][1]["bf16 autocast, all dropout 0"] == 55
+
+
+def test_cpu_step_costs_keeps_one_table_per_host_kind(tmp_path, monkeypatch):
+    """An AVX512-BF16/AMX host writes its own table: the emulated-bf16 host's table is not overwritten."""
+    costs = _load("cpu_step_costs")
+    monkeypatch.setattr(costs, "tokens_per_s", lambda overrides, dtype: 2000.0 if dtype else 1000.0)
+    monkeypatch.setattr(costs, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(costs, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(sys, "argv", ["cpu_step_costs.py", "1"])
+    costs.main()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cpu_step_costs_native_bf16.json",
+                                                          "cpu_step_costs_native_bf16.md"]
+    assert "2.000x (1 run) vs fp32, all dropout 0" in (tmp_path / "cpu_step_costs_native_bf16.md").read_text()
