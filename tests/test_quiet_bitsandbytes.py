@@ -100,16 +100,16 @@ def test_qlora_counts_logical_parameters_like_lora(tiny_decoder):
 
 # Runs in a fresh interpreter: bitsandbytes asks its native library at import time whether the CPU has
 # AVX512-BF16, and only then reaches for the Hub kernel. The hook answers yes on any host (both branches run
-# everywhere), and a stand-in `kernels` module records whether bitsandbytes asked it for code.
+# everywhere), and a stand-in kernels.get_kernel records whether bitsandbytes asked it for code.
 _HUB_KERNEL_PROBE = """
-import importlib.abc, importlib.util, sys, types
+import importlib.abc, importlib.util, sys
+import kernels
 asked = []
-fake = types.ModuleType("kernels")
 def get_kernel(repo, **kwargs):
     asked.append(repo)
-    raise RuntimeError("offline stand-in")
-fake.get_kernel = get_kernel
-sys.modules["kernels"] = fake
+    raise RuntimeError("stand-in: nothing is downloaded")
+kernels.get_kernel = get_kernel
+fake = kernels
 
 class AVX512BF16Host(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
@@ -126,10 +126,9 @@ class AVX512BF16Host(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, AVX512BF16Host())
 if GUARDED:
-    from tunelab.methods.bitsandbytes_support import import_bitsandbytes
-    bnb = import_bitsandbytes()
-else:
-    import bitsandbytes as bnb
+    import tunelab.methods  # every tunelab command imports this before anything can import bitsandbytes
+from peft.tuners.lora import bnb as _peft_bnb  # what PEFT runs for every LoRA model it builds
+import bitsandbytes as bnb
 print(asked, sys.modules["kernels"] is fake, hasattr(bnb.nn, "Linear4bit"))
 """
 
@@ -137,8 +136,10 @@ print(asked, sys.modules["kernels"] is fake, hasattr(bnb.nn, "Linear4bit"))
 @pytest.mark.parametrize("guarded", [True, False])
 def test_no_hub_kernel_is_fetched_when_bitsandbytes_is_imported(guarded):
     """On an AVX512-BF16/AMX CPU bitsandbytes 0.50 would download and load a compiled kernel from the Hub while
-    it imports (kernels.get_kernel). Through import_bitsandbytes() it is never asked; the unguarded import is
-    the negative control that shows the hook really puts bitsandbytes on that path."""
+    it imports (kernels.get_kernel), and PEFT imports it for every LoRA model. In a process that imported
+    tunelab it is never asked; without tunelab (the negative control) it is, which also shows the probe
+    really puts bitsandbytes on that path."""
+    pytest.importorskip("kernels")  # installed with transformers; without it there is nothing to fetch with
     proc = _python(f"GUARDED = {guarded}\n" + _HUB_KERNEL_PROBE)
     assert proc.returncode == 0, proc.stderr
     if guarded:
@@ -147,17 +148,3 @@ def test_no_hub_kernel_is_fetched_when_bitsandbytes_is_imported(guarded):
     else:
         assert proc.stdout.split() == ["['kernels-community/quantization-bitsandbytes']", "True", "True"]
 
-
-def test_a_4bit_load_imports_bitsandbytes_through_tunelab_first():
-    """Loading a QLoRA run (its config.json holds the quantization config) or training one (a
-    BitsAndBytesConfig) goes through import_bitsandbytes() before transformers imports bitsandbytes itself."""
-    from transformers import BertConfig, BitsAndBytesConfig
-
-    from tunelab.models.loading import _uses_bitsandbytes
-
-    plain = BertConfig()
-    assert not _uses_bitsandbytes(plain, {})
-    assert _uses_bitsandbytes(plain, {"quantization_config": BitsAndBytesConfig(load_in_4bit=True)})
-    saved = BertConfig(quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True})
-    assert _uses_bitsandbytes(saved, {})
-    assert not _uses_bitsandbytes(BertConfig(quantization_config={"quant_method": "gptq"}), {})

@@ -15,12 +15,16 @@ Four problems a user met, one fix each:
   incorrect behavior". `keep_4bit_layers_trainable()` turns the conversion off: evaluation then runs the same
   dequantize-and-matmul path as training (tests/test_quiet_bitsandbytes.py checks the gradients).
 - On the same CPUs bitsandbytes fetches that kernel from the Hugging Face Hub at import, through the `kernels`
-  package, when the machine is online: `import_bitsandbytes()` hides `kernels` while it imports, so no code
-  is downloaded and run without --trust-remote-code (tests/test_quiet_bitsandbytes.py checks it).
+  package, when the machine is online, whoever imports it (PEFT does for every LoRA model): an import hook
+  (_NoHubKernels) hides `kernels` while bitsandbytes imports, so no code is downloaded and run without
+  --trust-remote-code (tests/test_quiet_bitsandbytes.py checks it).
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.abc
+import importlib.machinery
 import logging
 import sys
 from typing import TYPE_CHECKING
@@ -67,29 +71,58 @@ def _forget_cached_availability() -> None:
 
 
 def import_bitsandbytes():
-    """The real import, for QLoRA and 8-bit AdamW (ImportError when it is not installed).
+    """The real import, for QLoRA and 8-bit AdamW (ImportError when it is not installed)."""
+    import bitsandbytes
 
-    Without code from the Hub: on a CPU with AVX512-BF16 (AMX hosts too) bitsandbytes 0.50 calls
-    `kernels.get_kernel("kernels-community/quantization-bitsandbytes")` while it is imported. `kernels` is
-    installed with transformers, so on a machine with network access that downloads compiled code from the
-    Hub and loads it into the process, a remote-code decision nobody took (tunelab runs remote code only when
-    the command line says --trust-remote-code). The kernel serves the inference-only layout that
-    keep_4bit_layers_trainable() turns off anyway, so `kernels` is hidden while bitsandbytes imports:
-    bitsandbytes takes its own CPU code and logs the notice _DropKernelNotice drops.
-    """
-    if "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is not None:
-        return sys.modules["bitsandbytes"]
+    return bitsandbytes
+
+
+@contextlib.contextmanager
+def _kernels_hidden():
     missing = object()
     kernels = sys.modules.get("kernels", missing)
     sys.modules["kernels"] = None  # `from kernels import get_kernel` raises ImportError
     try:
-        import bitsandbytes
+        yield
     finally:
         if kernels is missing:
             del sys.modules["kernels"]
         else:
             sys.modules["kernels"] = kernels
-    return bitsandbytes
+
+
+class _NoHubKernels(importlib.abc.MetaPathFinder):
+    """Whoever imports bitsandbytes (PEFT's LoRA dispatch does, for every LoRA model it builds; transformers
+    does, to load a 4-bit checkpoint), it runs its import with the `kernels` package hidden.
+
+    Why: on a CPU with AVX512-BF16 (AMX hosts too) bitsandbytes 0.50 calls
+    `kernels.get_kernel("kernels-community/quantization-bitsandbytes")` while it is imported. `kernels` is
+    installed with transformers, so on a machine with network access that downloads compiled code from the
+    Hub and loads it into the process: a remote-code decision nobody took (tunelab runs remote code only when
+    the command line says --trust-remote-code). The kernel serves the inference-only layout that
+    keep_4bit_layers_trainable() turns off anyway; without `kernels` bitsandbytes takes its own CPU code and
+    logs the notice _DropKernelNotice drops. No library offers a switch for this (bitsandbytes reads no
+    setting before the call), hence an import hook.
+    """
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "bitsandbytes":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            with _kernels_hidden():
+                run(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if not any(isinstance(finder, _NoHubKernels) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _NoHubKernels())
 
 
 def keep_4bit_layers_trainable(model: nn.Module) -> int:

@@ -80,15 +80,6 @@ def load_tokenizer(source: str | Path, cfg: ModelConfig):
     return tokenizer
 
 
-def _uses_bitsandbytes(hf_config: PretrainedConfig, kwargs: dict) -> bool:
-    """A 4-bit/8-bit load: QLoRA training passes a BitsAndBytesConfig; a saved QLoRA run's config.json has one."""
-    for quant in (kwargs.get("quantization_config"), getattr(hf_config, "quantization_config", None)):
-        method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
-        if method is not None and str(getattr(method, "value", method)) == "bitsandbytes":
-            return True
-    return False
-
-
 def load_task_model(cfg: ModelConfig, task: str, num_labels: int = 0, pretrained_kwargs: dict | None = None,
                     backbone: nn.Module | None = None):
     """Return (task_model, tokenizer, source) with the pretrained base weights.
@@ -108,11 +99,6 @@ def load_task_model(cfg: ModelConfig, task: str, num_labels: int = 0, pretrained
     if cfg.attention != "auto":
         check_attention(cfg.attention)
         kwargs["attn_implementation"] = cfg.attention
-    if _uses_bitsandbytes(hf_config, kwargs):
-        # tunelab's import, before transformers' own: it keeps bitsandbytes from fetching a Hub kernel.
-        from tunelab.methods.bitsandbytes_support import import_bitsandbytes
-
-        import_bitsandbytes()
     if task == "classification":
         backbone = backbone if backbone is not None else AutoModel.from_pretrained(source, **kwargs)
         pooling = cfg.pooling if cfg.pooling != "auto" else ("last" if decoder else "mean")
