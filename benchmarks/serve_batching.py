@@ -65,7 +65,7 @@ def measure_server(url: str, requests: list) -> tuple[float, int]:
 class Pipelines:
     """The naive baseline: transformers pipelines over the same trained runs, one request at a time."""
 
-    def __init__(self, classifier: str, generator: str):
+    def __init__(self, classifier: str, generator: str | None):
         import torch
         from transformers import pipeline
 
@@ -75,8 +75,9 @@ class Pipelines:
         self.cls = TrainedModel(classifier)
         self.cls_pipe = pipeline("feature-extraction", model=self.cls.model.backbone, tokenizer=self.cls.tokenizer,
                                  return_tensors=True)
-        self.gen = TrainedModel(generator)
-        self.gen_pipe = pipeline("text-generation", model=self.gen.model.backbone, tokenizer=self.gen.tokenizer)
+        if generator:
+            self.gen = TrainedModel(generator)
+            self.gen_pipe = pipeline("text-generation", model=self.gen.model.backbone, tokenizer=self.gen.tokenizer)
 
     def classify(self, texts: list[str]) -> float:
         from tunelab.models.task_models import pool
@@ -110,7 +111,7 @@ def spread(values: list[float]) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--classifier", required=True)
-    ap.add_argument("--generator", required=True)
+    ap.add_argument("--generator", help="an instruction or causal-LM run (needed when generate is among --tasks)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--classify-requests", type=int, default=320)
     ap.add_argument("--generate-requests", type=int, default=16)
@@ -121,10 +122,12 @@ def main(argv=None) -> None:
     ap.add_argument("--results", default="serve_batching")
     ap.add_argument("--plot", default=None, help="also draw the results as a PNG here (docs/img/serve-batching.png)")
     args = ap.parse_args(argv)
+    if "generate" in args.tasks and not args.generator:
+        ap.error("--generator is needed to measure generation (or pass --tasks classify)")
 
     texts, asks, classify, generate = workloads(args.classify_requests, args.generate_requests, args.max_tokens,
                                                  args.classify_data)
-    sources = [f"classifier={args.classifier}", f"generator={args.generator}"]
+    sources = [f"classifier={args.classifier}"] + ([f"generator={args.generator}"] if args.generator else [])
     before = loadavg()
     batched, url_b = start_server(sources, "--max-batch", "16", "--batch-window-ms", "10")
     single, url_1 = start_server(sources, "--max-batch", "1", "--batch-window-ms", "0")

@@ -74,29 +74,36 @@ def percentile(values: list[float], q: float) -> float | None:
 async def drive(url: str, requests: list[tuple[str, str, dict]], concurrency: int, keys: list[str] | None = None,
                 timeout: float = 600) -> list[dict]:
     """Send (kind, path, body) requests from `concurrency` clients, each sending its next one when the last is
-    answered. Client i uses keys[i % len(keys)]. Returns one record per request."""
-    import httpx
+    answered. Client i uses keys[i % len(keys)]. Returns one record per request.
+
+    aiohttp, not httpx: client and server share this machine's cores, and httpx's client used 24% of a core
+    at 140 classification requests/s where aiohttp uses 3-4%; that CPU would come out of the server's share
+    and so out of the measurement."""
+    import aiohttp
 
     queue = list(enumerate(requests))
     results: list[dict] = []
 
-    async def client(i: int) -> None:
+    async def client(i: int, http: aiohttp.ClientSession) -> None:
         headers = {"Authorization": f"Bearer {keys[i % len(keys)]}"} if keys else {}
-        async with httpx.AsyncClient(timeout=timeout, headers=headers) as http:
-            while queue:
-                n, (kind, path, body) = queue.pop(0)
-                started = time.perf_counter()
-                try:
-                    res = await http.post(url + path, json=body)
-                    status = res.status_code
-                    payload = res.json() if res.headers.get("content-type", "").startswith("application/json") else {}
-                except httpx.HTTPError as e:
-                    status, payload = 0, {"error": {"message": type(e).__name__}}
-                results.append({"n": n, "kind": kind, "status": status, "latency_s": time.perf_counter() - started,
-                                "tokens": (payload.get("usage") or {}).get("completion_tokens", 0),
-                                "retry_after": None})
+        while queue:
+            n, (kind, path, body) = queue.pop(0)
+            started = time.perf_counter()
+            retry_after = None
+            try:
+                async with http.post(url + path, json=body, headers=headers) as res:
+                    status = res.status
+                    retry_after = res.headers.get("Retry-After")
+                    payload = await res.json() if res.content_type == "application/json" else {}
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                status, payload = 0, {"error": {"message": type(e).__name__}}
+            results.append({"n": n, "kind": kind, "status": status, "latency_s": time.perf_counter() - started,
+                            "tokens": (payload.get("usage") or {}).get("completion_tokens", 0),
+                            "retry_after": retry_after})
 
-    await asyncio.gather(*(client(i) for i in range(concurrency)))
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)) as http:
+        await asyncio.gather(*(client(i, http) for i in range(concurrency)))
     return results
 
 

@@ -44,3 +44,50 @@ def test_percentiles_and_summary_are_computed_from_the_records():
     s = load.summarize(rows, wall_s=2.0)
     assert s["server_errors_5xx"] == 1 and s["kinds"]["classify"]["ok"] == 100
     assert s["kinds"]["classify"]["p50_ms"] == pytest.approx(50.0, abs=1) and s["kinds"]["classify"]["p99_ms"] >= 98
+
+
+def test_the_load_client_records_status_tokens_retry_after_and_connection_errors():
+    """drive() against a stand-in HTTP server on 127.0.0.1: every request gets one record, with the status, the
+    completion tokens from `usage`, Retry-After on a 429, the key it sent, and status 0 when nothing answers."""
+    import asyncio
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    load = _load_module()
+    seen_keys = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen_keys.append(self.headers.get("Authorization"))
+            limited = body.get("limited", False)
+            payload = json.dumps({"error": {"message": "slow down"}} if limited else
+                                 {"usage": {"completion_tokens": body["n"]}}).encode()
+            self.send_response(429 if limited else 200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            if limited:
+                self.send_header("Retry-After", "3")
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        requests = [("generate", "/v1/x", {"n": i}) for i in range(10)] + [("classify", "/v1/x", {"limited": True})]
+        records = asyncio.run(load.drive(url, requests, concurrency=3, keys=["k0", "k1"]))
+    finally:
+        server.shutdown()
+        server.server_close()  # the port now refuses connections
+    assert sorted(r["n"] for r in records) == list(range(11))
+    by_n = {r["n"]: r for r in records}
+    assert all(by_n[i]["status"] == 200 and by_n[i]["tokens"] == i for i in range(10))
+    assert by_n[10]["status"] == 429 and by_n[10]["retry_after"] == "3"
+    assert set(seen_keys) == {"Bearer k0", "Bearer k1"}
+    dead = asyncio.run(load.drive(url, [("classify", "/v1/x", {"n": 0})], concurrency=1, timeout=5))
+    assert dead[0]["status"] == 0
