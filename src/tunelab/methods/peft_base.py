@@ -89,9 +89,10 @@ def merge_in_fp64(peft_model: nn.Module) -> nn.Module:
     the merged model and the run's is the fp32 arithmetic of the two forward passes, which no choice of fp32
     weights removes (docs/10-deployment.md gives the measured sizes).
     Cost: one adapted layer at a time is upcast (its base weight and adapter) and cast back before the next, on
-    the CPU (MPS has no fp64): the extra memory is 2x the largest adapted matrix's fp32 bytes (for a 7B Llama,
-    an MLP projection of 11008 x 4096: 360 MB), never a copy of the model; the time is one fp64 product per
-    layer (SmolLM2-135M's 210 LoRA layers: 0.5 s on 2 CPU cores, where PEFT's fp32 merge took 1.1 s).
+    the CPU (MPS has no fp64): the extra memory is at most the largest adapted matrix in fp64 twice over, the
+    weight and its update (for a 7B Llama's 11008 x 4096 MLP projections: 720 MB), never a copy of the model;
+    the time is one fp64 product per layer (SmolLM2-135M's 210 LoRA layers: 0.5 s on 2 CPU cores, where PEFT's
+    fp32 merge took 1.1 s).
     """
     import torch
     from peft.tuners.tuners_utils import BaseTunerLayer
