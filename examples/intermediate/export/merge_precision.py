@@ -2,8 +2,8 @@
 
     python examples/intermediate/export/merge_precision.py RUN_DIR [OUT.json]
 
-For a LoRA run on a Llama-architecture decoder (smollm2-alpaca-lora.yaml), on the parity inputs `tunelab export` uses (the same batches of 8, every real position),
-max |delta logit| of:
+For a LoRA run on a Llama-architecture decoder (smollm2-alpaca-lora.yaml), on the parity inputs `tunelab export`
+uses (the same batches of 8, every real position), max |delta logit| of:
 
   noise_floor             the run's unmerged model in fp32 vs the same model in fp64 (the floor no fp32 export
                           can be expected to beat)
@@ -95,7 +95,8 @@ def main(run_dir, out=None):
     del layered
     merged = {"fp32_merge": merged_whole(run_dir, torch.float32), "fp64_merge": whole}
     lr = trained.cfg.train.lr
-    wrong = {f"wrong_{m}": merged_wrong(run_dir, lr, m) for m in ("scaling_doubled", "one_lora_step", "one_tensor_1e-5")}
+    mistakes = ("scaling_doubled", "one_lora_step", "one_tensor_1e-5")
+    wrong = {f"wrong_{m}": merged_wrong(run_dir, lr, m) for m in mistakes}
     weights_only = copy.deepcopy(whole).to(torch.float64)
 
     def note(name, a, b):
