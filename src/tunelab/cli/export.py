@@ -34,7 +34,9 @@ def export(
                         say=lambda line: err.print(f"[dim]{line}[/]", highlight=False),
                         max_quality_loss=max_quality_loss)
     for name, report in record["parity"].items():
-        checks = ", ".join(f"{c['check']} {c['value']:.3g} (limit {c['limit']:.3g})" for c in report["checks"])
+        checks = ", ".join(f"{c['check']} {c['value']:.3g} (limit {c['limit']:.3g}"
+                           + (f": {c['limit_reason']}" if c["limit"] != c.get("fixed_limit", c["limit"]) else "") + ")"
+                           for c in report["checks"])
         quality = ""
         if "accuracy_before" in report:
             quality = f"; accuracy {report['accuracy_before']:.4f} -> {report['accuracy_after']:.4f}"

@@ -14,7 +14,9 @@ export.json (schema 1):
   tokenizer: {chat_template, eos_token_id, pad_token_id, bos_token_id, template ("chat", "alpaca" or null)}
   labels: class names in head order ([] for language models)
   classifier: {pooling, head_file} for classification exports, else null
-  parity: the report (parity.py): inputs used, checks with value, threshold and pass, accuracy/perplexity
+  parity: the report (parity.py): inputs used, checks with value, threshold and pass, accuracy/perplexity;
+          when max |delta logit| was over the fixed limit of merged or adapter, fp32_noise_floor (noise_floor.py)
+          and, in the check, the fixed limit, the factor, the ceiling and limit_reason
   notes: format-specific facts a user needs (e.g. what QLoRA's merge was measured against)
 """
 

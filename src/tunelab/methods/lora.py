@@ -15,7 +15,7 @@ from pydantic import Field
 
 from tunelab.errors import ConfigError
 from tunelab.methods.base import ActivationCost, MethodSettings
-from tunelab.methods.peft_base import PeftMethod, is_checkpointing, task_type
+from tunelab.methods.peft_base import PeftMethod, is_checkpointing, merge_in_fp64, task_type
 from tunelab.methods.bitsandbytes_support import import_bitsandbytes, import_peft, keep_4bit_layers_trainable
 
 if TYPE_CHECKING:
@@ -155,7 +155,8 @@ class Qlora(Lora):
 
     def merged(self, backbone: nn.Module, saved_dir: Path) -> nn.Module:
         """LoRA merged into a *dequantized* base: every 4-bit weight becomes the fp32 matrix bitsandbytes
-        multiplied with in training (dequantize_4bit), then B A is added in fp32.
+        multiplied with in training (dequantize_4bit), then B A is added in fp64 and the sum rounded to fp32 once
+        (merge_in_fp64).
 
         The two other ways lose the training: PEFT's merge into the 4-bit layers rounds W + BA back to 4 bits
         (the update is mostly smaller than one 4-bit step), and merging into the original full-precision base
@@ -187,4 +188,4 @@ class Qlora(Lora):
             raise ValueError(f"dequantized base does not match its architecture: missing {untied[:3]}, "
                              f"unexpected {unexpected[:3]}")
         plain.tie_weights()
-        return PeftModel.from_pretrained(plain.eval(), saved_dir).merge_and_unload()
+        return merge_in_fp64(PeftModel.from_pretrained(plain.eval(), saved_dir))
