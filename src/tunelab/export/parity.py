@@ -9,7 +9,9 @@ same held-out inputs, and their logits are compared:
 - greedy agreement (language models): up to 8 prompts continued 16 tokens greedily by each model; the share
   of prompts whose continuation is identical token for token, and the share of tokens that match;
 - quality before and after: a classifier's accuracy on the whole test set; a language model's perplexity on
-  the held-out inputs (the loss a quantized format costs is written down, not hidden).
+  the held-out inputs (the loss a quantized format costs is written down, not hidden);
+- a decoder with a KV cache (ONNX): the same logits and greedy continuations through its cache
+  (measure_cached), since a cache fed back wrong leaves the whole-sequence logits untouched.
 
 A format passes when every gate in FORMAT_GATES holds; ParityError names the check that failed and by how much.
 """
@@ -45,7 +47,11 @@ IGNORE_INDEX = -100
 FORMAT_GATES: dict[str, list[tuple[str, float, str]]] = {
     "merged": [("max_abs_logit_diff", 1e-4, "max")],
     "adapter": [("max_abs_logit_diff", 1e-4, "max")],
-    "onnx": [("max_abs_logit_diff", 1e-3, "max")],
+    # A decoder's graph has a KV cache: its logits through the cache (a prefill, then one token per call) must
+    # meet the same limit, and its greedy continuations must equal the run's token for token. A classifier's
+    # report has no cached checks (gate() skips what a report lacks).
+    "onnx": [("max_abs_logit_diff", 1e-3, "max"), ("cached_max_abs_logit_diff", 1e-3, "max"),
+             ("greedy_cached_identical", 1.0, "min")],
     # int8 activations are quantized per input on the fly: logits move by a share of their own size (tiny test
     # classifiers, whose logits sit near 0, by more than half), so only what it costs in quality is gated.
     "onnx-int8": [("accuracy_drop", 0.05, "max"), ("perplexity_increase", 0.10, "max")],
@@ -68,6 +74,8 @@ NOISE_FLOOR_FACTOR = 3.0
 NOISE_FLOOR_CEILING = 1e-3
 
 Logits = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (input_ids, attention_mask) -> logits
+CachedLogits = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]  # ... and the tokens to prefill
+Generate = Callable[[list[int], int], list[int]]  # (prompt ids, new tokens) -> greedy continuation
 
 
 class ParityError(TunelabError):
@@ -174,6 +182,39 @@ def measure(reference: Logits, candidate: Logits, inputs: ParityInputs, batch_si
                       greedy_identical=same_prompts / max(n, 1),
                       greedy_token_agreement=same_tokens / max(n * GREEDY_TOKENS, 1))
     return report
+
+
+@torch.inference_mode()
+def measure_cached(reference: Logits, cached: CachedLogits, generate: Generate, inputs: ParityInputs,
+                   batch_size: int = 8) -> dict:
+    """The KV-cache checks of a decoder runtime against `reference` (the run, whole sequences, no cache).
+
+    Logits: each batch of held-out inputs is prefilled for half its shortest row, then fed one token per call
+    through the cache to the end; every real position is compared (prefill and cached steps alike), so an
+    error that grows with the cache's length shows. Greedy: the parity prompts continued by `generate` (which
+    feeds its cache back itself) against the run's full-pass greedy, token for token."""
+    max_abs, agree, positions, stepped = 0.0, 0, 0, 0
+    for ids, mask, _, _ in batches(inputs.features, inputs.pad_id, batch_size):
+        prefill = max(1, int(mask.sum(1).min()) // 2)
+        ref, cand = reference(ids, mask).float(), cached(ids, mask, prefill).float()
+        if ref.shape != cand.shape:
+            raise ParityError(f"parity check 'cached logit shape' failed: the cached path gives "
+                              f"{tuple(cand.shape)}, the run's model {tuple(ref.shape)}")
+        real = mask.bool()
+        max_abs = max(max_abs, float((ref[real] - cand[real]).abs().max()))
+        agree += int((ref[real].argmax(-1) == cand[real].argmax(-1)).sum())
+        positions += int(real.sum())
+        stepped += int(real[:, prefill:].sum())
+    same_tokens, same_prompts = 0, 0
+    for prompt in inputs.prompts:
+        a, b = greedy(reference, prompt), generate(prompt, GREEDY_TOKENS)
+        same_tokens += sum(x == y for x, y in zip(a, b))
+        same_prompts += a == b
+    n = len(inputs.prompts)
+    return {"cached_max_abs_logit_diff": max_abs, "cached_argmax_agreement": agree / max(positions, 1),
+            "cached_positions_compared": positions, "cached_positions_after_prefill": stepped,
+            "greedy_cached_identical": same_prompts / max(n, 1),
+            "greedy_cached_token_agreement": same_tokens / max(n * GREEDY_TOKENS, 1)}
 
 
 QUALITY_CHECKS = ("accuracy_drop", "perplexity_increase")
