@@ -201,6 +201,7 @@ def test_cli_export_prints_the_parity_and_refuses_in_one_line(serve_runs, tmp_pa
 
 @pytest.mark.parametrize("name,quantize", [("sentiment-lora", "int8"), ("chat-lora", None), ("text-lora", "int8")])
 def test_onnx_export_runs_in_onnxruntime_like_torch(serve_runs, tmp_path, name, quantize):
+    import numpy as np
     import onnxruntime as ort
 
     from tunelab.inference.trained import TrainedModel
@@ -221,7 +222,16 @@ def test_onnx_export_runs_in_onnxruntime_like_torch(serve_runs, tmp_path, name, 
     run = TrainedModel(serve_runs[name])
     enc = run.tokenizer(["the film was long", "a fine day"], return_tensors="pt", padding=True)
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    got = sess.run(["logits"], {"input_ids": enc["input_ids"].numpy(), "attention_mask": enc["attention_mask"].numpy()})[0]
+    feeds = {"input_ids": enc["input_ids"].numpy(), "attention_mask": enc["attention_mask"].numpy()}
+    if name.startswith("sentiment"):  # the classifier's graph is unchanged: ids and mask only
+        assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask"]
+        assert record["notes"]["onnx"]["kv_cache"] is None
+    else:  # a decoder's graph has a KV cache: the whole sequence is one pass over an empty past
+        mask = feeds["attention_mask"]
+        feeds["position_ids"] = np.where(mask == 0, 1, mask.cumsum(-1) - 1)
+        for i in sess.get_inputs()[3:]:
+            feeds[i.name] = np.zeros((len(mask), i.shape[1], 0, i.shape[3]), np.float32)
+    got = sess.run(["logits"], feeds)[0]
     with torch.inference_mode():
         want = run.model(enc["input_ids"], enc["attention_mask"]).logits
     real = enc["attention_mask"].bool() if want.dim() == 3 else slice(None)
