@@ -16,6 +16,9 @@ def row(name: str, gate: str, r: dict) -> str:
                if "accuracy_before" in r else
                f"perplexity {r['perplexity_before']:.3f} -> {r['perplexity_after']:.3f}; greedy identical "
                f"{r['greedy_identical']:.0%}, tokens {r['greedy_token_agreement']:.0%}")
+    if "cached_max_abs_logit_diff" in r:
+        quality += (f"; KV cache: max abs dlogit {r['cached_max_abs_logit_diff']:.2e}, greedy identical "
+                    f"{r['greedy_cached_identical']:.0%}, tokens {r['greedy_cached_token_agreement']:.0%}")
     return (f"| {name} | {gate} | {r['inputs']} | {r['max_abs_logit_diff']:.2e} | {r['relative_logit_diff']:.2e} | "
             f"{r['argmax_agreement']:.4f} | {quality} | {'pass' if r['passed'] else 'FAIL'} |")
 
@@ -23,7 +26,7 @@ def row(name: str, gate: str, r: dict) -> str:
 def main(exports: Path, results: Path) -> None:
     lines = ["| export | check | inputs | max abs dlogit | relative | argmax agreement | quality | gate |",
              "|---|---|---|---|---|---|---|---|"]
-    speed_lines = []
+    speed_lines, token_lines = [], []
     for record_file in sorted(exports.glob("*/export.json")):
         name = record_file.parent.name
         (results / name).mkdir(parents=True, exist_ok=True)
@@ -37,6 +40,13 @@ def main(exports: Path, results: Path) -> None:
                 f"| {name} | {s['torch_s']:.3f} | {s['onnx_s']:.3f} ({s['onnx_speedup_vs_torch']:.2f}x) | "
                 + (f"{s['onnx_int8_s']:.3f} ({s['onnx_int8_speedup_vs_torch']:.2f}x)" if "onnx_int8_s" in s else "-")
                 + f" | {s['inputs']} | {s['threads']} |")
+            if "per_token" in s:
+                t = s["per_token"]
+                token_lines.append(
+                    f"| {name} | {t['torch_cached_s'] * 1e3:.1f} | {t['onnx_uncached_s'] * 1e3:.1f} | "
+                    f"{t['onnx_cached_s'] * 1e3:.1f} ({t['onnx_cached_speedup_vs_uncached']:.2f}x) | "
+                    + (f"{t['onnx_int8_cached_s'] * 1e3:.1f}" if "onnx_int8_cached_s" in t else "-")
+                    + f" | {t['prompts']} x {t['new_tokens']} |")
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     cpu = next((l.split(":", 1)[1].strip() for l in lscpu.splitlines() if l.startswith("Model name")), platform.processor())
     text = ["# Export parity", "", f"CPU: {cpu}; load at collection: {Path('/proc/loadavg').read_text().split()[:3]}",
@@ -45,6 +55,10 @@ def main(exports: Path, results: Path) -> None:
         text += ["## ONNX speed (median of 3 passes over the parity inputs, seconds)", "",
                  "| export | torch | onnx fp32 | onnx int8 | inputs | threads |", "|---|---|---|---|---|---|",
                  *speed_lines, ""]
+    if token_lines:
+        text += ["## Decoders: milliseconds per generated token (greedy, median of 3 passes)", "",
+                 "| export | torch, its KV cache | onnx, no cache | onnx, KV cache (vs no cache) | onnx int8, KV cache "
+                 "| prompts x tokens |", "|---|---|---|---|---|---|", *token_lines, ""]
     (results / "summary.md").write_text("\n".join(text))
     print("\n".join(text))
 

@@ -44,4 +44,9 @@ def export(
             quality = (f"; perplexity {report['perplexity_before']:.3f} -> {report['perplexity_after']:.3f}, "
                        f"greedy identical {report['greedy_identical']:.0%}")
         out.print(f"{name}: {checks}; argmax agreement {report['argmax_agreement']:.4f}{quality}", highlight=False)
+    per_token = record.get("speed", {}).get("per_token")
+    if per_token:
+        out.print(f"per generated token: onnx with KV cache {per_token['onnx_cached_s'] * 1e3:.1f} ms, without "
+                  f"{per_token['onnx_uncached_s'] * 1e3:.1f} ms ({per_token['onnx_cached_speedup_vs_uncached']:.2f}x), "
+                  f"torch with its cache {per_token['torch_cached_s'] * 1e3:.1f} ms", highlight=False)
     out.print(f"wrote {output} ({len(record['files'])} files, export.json)", highlight=False)
