@@ -1,7 +1,8 @@
 """Two runs of the distributed example side by side: the logged training losses, the test metrics and the
 largest weight difference (backbone and head), written as JSON.
 
-    python examples/expert/distributed-fine-tuning/results/compare_runs.py RUN_A RUN_B > compare.json
+    python examples/expert/distributed-fine-tuning/results/compare_runs.py runs/dist-1proc runs/dist-2proc \
+        > examples/expert/distributed-fine-tuning/results/compare-1proc-2proc.json
 """
 
 from __future__ import annotations
