@@ -59,6 +59,8 @@ def test_variants_of_one_technique_by_label(compare_config):
         ({"methods": ["lora", "lora"]}, "lists a method twice"),
         ({"methods": ["lora"], "per_method": {"lora": {"method": {"rnk": 4}}}}, "method 'lora'.*'method.rnk' is not known"),
         ({"methodz": ["lora"]}, "compare.methodz"),
+        ({"methods": ["evidence"], "per_method": {"evidence": {"method": {"name": "lora"}}}},
+         "'evidence' cannot label a technique"),
     ],
 )
 def test_bad_comparison_config_stops_before_training(compare_config, compare, match):
@@ -81,6 +83,9 @@ def test_failed_technique_is_reported_and_the_others_still_run(compare_config, t
     status = {e["method"]: e["status"] for e in entries}
     assert status == {"lora": "completed", "broken": "failed", "ia3": "completed"}
     assert "no-such-run" in next(e["error"] for e in entries if e["method"] == "broken")
+    # broken stopped before its run directory existed: nothing to keep; the others keep their evidence.
+    assert {e["method"]: e["evidence_dir"] for e in entries} == {
+        "lora": "evidence/lora", "broken": None, "ia3": "evidence/ia3"}
     rows = json.loads((compare_dir / "comparison.json").read_text())
     rows = rows["rows"] if isinstance(rows, dict) else rows
     assert [r["method"] for r in rows] == ["lora", "broken", "ia3"]
@@ -159,6 +164,9 @@ def test_rerun_keeps_completed_techniques_and_resumes_the_stopped_one(compare_co
         run_comparison(path, None, [], Console(stderr=True))
     compare_dir = path.parent / "runs" / "cmp"
     assert RunDir(compare_dir / "lora").status() == "interrupted"
+    # Evidence is copied once a technique ends: the interrupted one has none yet.
+    stopped = compare_dir / "evidence" / "lora"
+    assert (compare_dir / "evidence" / "ia3" / "metrics.json").is_file() and not stopped.exists()
     monkeypatch.setattr(loop_module.FineTune, "_save_checkpoint", real_save)
     capsys.readouterr()
 
@@ -168,6 +176,7 @@ def test_rerun_keeps_completed_techniques_and_resumes_the_stopped_one(compare_co
     assert "ia3: completed earlier under the same config and data; kept, not trained again" in err
     assert "lora: the earlier attempt interrupted; resuming it" in err and "resumed from" in err
     assert [(e["method"], e["status"]) for e in entries] == [("ia3", "completed"), ("lora", "completed")]
+    assert RunDir(stopped).status() == "completed" and RunDir(stopped).is_complete()
 
     # Once more: nothing trains at all.
     _, entries = run_comparison(path, None, [], Console(stderr=True))
@@ -202,3 +211,23 @@ def test_compare_into_a_folder_that_is_no_comparison_is_refused(compare_config, 
     (path.parent / "runs" / "cmp" / "notes.txt").write_text("mine")
     with pytest.raises(TunelabError, match="holds no comparison"):
         run_comparison(path, None, [], Console(stderr=True))
+
+
+def test_each_technique_leaves_its_manifest_and_metrics_in_the_comparison_folder(compare_config, in_process_trials):
+    """The run directories hold the weights and are not committed: evidence/<label>/ keeps the small files that
+    show what ran and what it measured, so committing the comparison folder commits them."""
+    from rich.console import Console
+
+    path = compare_config(compare={"methods": ["ia3", "lora"]})
+    compare_dir, entries = run_comparison(path, None, [], Console(stderr=True))
+    assert [e["evidence_dir"] for e in entries] == ["evidence/ia3", "evidence/lora"]
+    rows = json.loads((compare_dir / "comparison.json").read_text())["rows"]
+    for entry, row in zip(entries, rows):
+        kept, run = compare_dir / entry["evidence_dir"], RunDir(entry["run_dir"])
+        assert sorted(p.name for p in kept.iterdir()) == ["config.yaml", "manifest.json", "metrics.json"]
+        for name in ("config.yaml", "manifest.json", "metrics.json"):
+            assert (kept / name).read_bytes() == (run.path / name).read_bytes(), name
+        assert json.loads((kept / "metrics.json").read_text())["eval"]["accuracy"] == row["accuracy"]
+        assert row["evidence_dir"] == entry["evidence_dir"]
+    assert not list((compare_dir / "evidence").glob(".*.tmp"))  # copied whole, nothing half-written left
+    assert "config, manifest and metrics copied to evidence/lora/" in (compare_dir / "comparison.md").read_text()

@@ -31,6 +31,10 @@ under the same config and data is kept and not trained again (the console says s
 (failed, interrupted, killed) under the same config resumes from its checkpoint, and one whose config changed
 trains again, except that a completed run is never replaced: change output.name for a new comparison. A lock
 file stops a second `tunelab compare` on the same directory.
+
+Once a technique ends, its config.yaml, manifest.json and metrics.json (those it wrote) are copied into
+`evidence/<label>/` of the comparison directory: the few small files that show what ran, on what, and what it
+measured, without the weights. Committing the comparison folder without its run directories keeps them.
 """
 
 from __future__ import annotations
@@ -51,9 +55,14 @@ from tunelab.config import (
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.experiments.trials import TrialFailed, run_trial
 from tunelab.methods import METHODS
-from tunelab.runtime.atomic import atomic_write_json, atomic_write_text
+from tunelab.runtime.atomic import atomic_dir, atomic_write_json, atomic_write_text
 from tunelab.runtime.run_dir import RunDir
 from tunelab.track.tracking import parent_run
+
+# The folder of a comparison directory that holds each technique's small files (see the module docstring).
+EVIDENCE_DIR = "evidence"
+# Folders of a comparison directory that a technique's run directory (named by its label) must not take.
+RESERVED_LABELS = (EVIDENCE_DIR, "plots")
 
 
 class CompareSection(BaseModel):
@@ -89,6 +98,10 @@ def plan_comparison(path: str | Path, methods: list[str] | None, overrides: list
     known = method_names()
     if len(set(chosen)) != len(chosen):
         raise ConfigError(f"{path}: compare lists a method twice: {', '.join(chosen)}")
+    taken = [label for label in chosen if label in RESERVED_LABELS]
+    if taken:
+        raise ConfigError(f"{path}: '{taken[0]}' cannot label a technique: the comparison directory keeps its own "
+                          f"{taken[0]}/ folder; rename it under compare.per_method (with method.name)")
     techniques = {}
     for label in dict.fromkeys(list(chosen) + list(section.per_method)):
         name = ((section.per_method.get(label) or {}).get("method") or {}).get("name", label)
@@ -219,6 +232,7 @@ def _train_each(configs: dict[str, RunConfig], plans: dict[str, str], compare_di
             console.print(f"{label}: completed earlier under the same config and data; kept, not trained again "
                           f"({run.path})", highlight=False)
             entry["reused"] = True
+            entry["evidence_dir"] = keep_evidence(run, compare_dir, label)
             entries.append(entry)
             atomic_write_json(compare_dir / "entries.json", entries)
             continue
@@ -239,9 +253,28 @@ def _train_each(configs: dict[str, RunConfig], plans: dict[str, str], compare_di
             elif run.status() in ("killed", "interrupted"):
                 entry["status"] = run.status()  # a trial killed by the out-of-memory killer reads `killed`
             console.print(f"[red]{label} failed:[/] {entry['error']}")
+        entry["evidence_dir"] = keep_evidence(run, compare_dir, label)
         entries.append(entry)
         atomic_write_json(compare_dir / "entries.json", entries)
     return entries
+
+
+def keep_evidence(run: RunDir, compare_dir: Path, label: str) -> str | None:
+    """Copy the technique's config.yaml, manifest.json and metrics.json (those that exist) into
+    `evidence/<label>/` as one folder that appears whole or not at all, replacing an earlier attempt's.
+
+    Returns the folder relative to the comparison directory, or None when the run wrote none of them (it
+    failed before its run directory existed). A failed run keeps its manifest, which holds the error."""
+    files = [p for p in (run.config_path, run.manifest_path, run.metrics_path) if p.is_file()]
+    final = compare_dir / EVIDENCE_DIR / label
+    if not files:
+        shutil.rmtree(final, ignore_errors=True)  # an earlier attempt's files would describe another run
+        return None
+    final.parent.mkdir(exist_ok=True)
+    with atomic_dir(final) as tmp:
+        for src in files:
+            shutil.copyfile(src, tmp / src.name)
+    return f"{EVIDENCE_DIR}/{label}"
 
 
 def _headline_metrics(entries: list[dict]) -> dict[str, float]:

@@ -2,7 +2,8 @@
 
 Writes comparison.md, a self-contained comparison.html, comparison.csv and comparison.json (raw numbers,
 one row per method) and plots/*.png into the comparison directory. A failed method keeps its row, with its
-error, and is left out of the plots.
+error, and is left out of the plots. A row names the method's run directory and, when the entry gives one, the
+folder (relative to the comparison directory) holding copies of its config, manifest and metrics.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ CSV_FIELDS = [
     "accuracy", "f1_macro", "perplexity", "untuned_perplexity", "loss",
     "train_wall_s", "real_tokens_per_s", "peak_memory_bytes", "estimated_peak_memory_bytes",
     "trainable_params", "total_params", "trainable_percent", "artifact_bytes",
-    "test_examples", "test_tokens", "run_dir", "error",
+    "test_examples", "test_tokens", "run_dir", "evidence_dir", "error",
 ]
 
 
 def write_compare_report(compare_dir: str | Path, entries: list[dict]) -> dict[str, Path]:
-    """entries: [{"method": str, "run_dir": str | None, "status": "completed" | "failed", "error": str | None}].
+    """entries: [{"method": str, "run_dir": str | None, "status": "completed" | "failed", "error": str | None,
+    "evidence_dir": str | None (optional)}].
 
     Returns the written paths: md, html, csv, json, and one key per plot that had data to draw
     (quality_plot, loss_plot, params_plot, memory_plot, cost_plot).
@@ -65,6 +67,7 @@ def _load(entry: dict) -> tuple[dict, RunData | None]:
     row.update(method=entry["method"], status=entry.get("status", "completed"), error=entry.get("error"))
     run_dir = entry.get("run_dir")
     row["run_dir"] = str(run_dir) if run_dir else None
+    row["evidence_dir"] = entry.get("evidence_dir")
     if not run_dir or not Path(run_dir).is_dir():
         if row["status"] == "completed":
             row.update(status="failed", error=row["error"] or f"run directory not found: {run_dir}")
@@ -324,7 +327,9 @@ def _document(rows: list[dict], task: str | None, notes: list[str], pngs: dict[s
         for r in long_errors:
             doc.paragraph(f"{r['method']}:")
             doc.preformatted(r["error"].strip())
-    runs = [f"{r['method']}: {r['run_dir']}" for r in rows if r["run_dir"]]
+    runs = [f"{r['method']}: {r['run_dir']}"
+            + (f" (config, manifest and metrics copied to {r['evidence_dir']}/)" if r["evidence_dir"] else "")
+            for r in rows if r["run_dir"]]
     if runs:
         doc.heading("Run directories")
         doc.bullets(runs)
