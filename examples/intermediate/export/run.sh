@@ -19,6 +19,8 @@ tunelab export "$RUNS/export-smollm2-lora" --format onnx --output "$EXPORTS/smol
 # int8 is refused on this run (perplexity +85%, the gate is +10%; see the README): kept to show the refusal
 tunelab export "$RUNS/export-smollm2-lora" --format onnx --quantize int8 --output "$EXPORTS/smollm2-lora-onnx-int8" \
   --overwrite || true
+# Why: int8 of the graph with and without the cache, per-channel weights, the output projection kept in fp32.
+python "$HERE/onnx_int8_probe.py" "$RUNS/export-smollm2-lora" "$HERE/results/smollm2-lora-onnx/int8-probe.json"
 # Where the merged export's max |delta logit| comes from (the run's fp32 noise floor) and what wrong merges measure.
 python "$HERE/merge_precision.py" "$RUNS/export-smollm2-lora" "$HERE/results/smollm2-lora-merge-precision.json"
 python "$HERE/collect.py" "$EXPORTS" "$HERE/results"
