@@ -172,15 +172,10 @@ def measure(reference: Logits, candidate: Logits, inputs: ParityInputs, batch_si
         ppl_cand = math.exp(min(nll_cand / max(targets, 1), 50.0))
         report.update(target_tokens=targets, perplexity_before=ppl_ref, perplexity_after=ppl_cand,
                       perplexity_increase=ppl_cand / ppl_ref - 1)
-        same_tokens, same_prompts = 0, 0
-        for prompt in inputs.prompts:
-            a, b = greedy(reference, prompt), greedy(candidate, prompt)
-            same_tokens += sum(x == y for x, y in zip(a, b))
-            same_prompts += a == b
-        n = len(inputs.prompts)
-        report.update(greedy_prompts=n, greedy_new_tokens=GREEDY_TOKENS,
-                      greedy_identical=same_prompts / max(n, 1),
-                      greedy_token_agreement=same_tokens / max(n * GREEDY_TOKENS, 1))
+        identical, token_agreement = _greedy_agreement(
+            inputs.prompts, lambda p: greedy(reference, p), lambda p: greedy(candidate, p))
+        report.update(greedy_prompts=len(inputs.prompts), greedy_new_tokens=GREEDY_TOKENS,
+                      greedy_identical=identical, greedy_token_agreement=token_agreement)
     return report
 
 
@@ -205,16 +200,22 @@ def measure_cached(reference: Logits, cached: CachedLogits, generate: Generate, 
         agree += int((ref[real].argmax(-1) == cand[real].argmax(-1)).sum())
         positions += int(real.sum())
         stepped += int(real[:, prefill:].sum())
-    same_tokens, same_prompts = 0, 0
-    for prompt in inputs.prompts:
-        a, b = greedy(reference, prompt), generate(prompt, GREEDY_TOKENS)
-        same_tokens += sum(x == y for x, y in zip(a, b))
-        same_prompts += a == b
-    n = len(inputs.prompts)
+    identical, token_agreement = _greedy_agreement(
+        inputs.prompts, lambda p: greedy(reference, p), lambda p: generate(p, GREEDY_TOKENS))
     return {"cached_max_abs_logit_diff": max_abs, "cached_argmax_agreement": agree / max(positions, 1),
             "cached_positions_compared": positions, "cached_positions_after_prefill": stepped,
-            "greedy_cached_identical": same_prompts / max(n, 1),
-            "greedy_cached_token_agreement": same_tokens / max(n * GREEDY_TOKENS, 1)}
+            "greedy_cached_identical": identical, "greedy_cached_token_agreement": token_agreement}
+
+
+def _greedy_agreement(prompts, expected, got) -> tuple[float, float]:
+    """(share of prompts continued identically, share of the GREEDY_TOKENS new tokens that match)."""
+    same_tokens, same_prompts = 0, 0
+    for prompt in prompts:
+        a, b = expected(prompt), got(prompt)
+        same_tokens += sum(x == y for x, y in zip(a, b))
+        same_prompts += a == b
+    n = len(prompts)
+    return same_prompts / max(n, 1), same_tokens / max(n * GREEDY_TOKENS, 1)
 
 
 QUALITY_CHECKS = ("accuracy_drop", "perplexity_increase")
