@@ -72,3 +72,17 @@ def paired_table(rounds: list[dict[str, dict]], labels: dict[str, str], ours: st
         peak = paired_ratios(rounds, ours, name, "peak_memory_bytes")
         lines.append(f"| {labels[name]} | {spread_cell(speed)} | {spread_cell(wall)} | {spread_cell(peak)} |")
     return lines if len(lines) > 2 else []
+
+
+def attach_paired(rows: dict[str, dict], rounds: list[dict[str, dict]], baseline: str) -> None:
+    """Each row's speed over the baseline's, paired within each round (an ablation's 'vs baseline' column)."""
+    if len(rounds) < 2 or baseline not in rows:
+        return
+    for name, row in rows.items():
+        if "error" not in row:
+            row["vs_baseline_runs"] = paired_ratios(rounds, name, baseline)
+
+
+def paired_cell(row: dict) -> str:
+    """'1.22x (1.18-1.25x, 3 runs)' where the row has paired ratios; '' where it was a single run."""
+    return spread_cell(row["vs_baseline_runs"]) if row.get("vs_baseline_runs") else ""

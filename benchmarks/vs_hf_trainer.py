@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # hf_recipe.py beside this file, also when loaded by path
 
 from hf_recipe import headline, run_hf  # noqa: E402
-from rounds import paired_table, run_order, spread_cell, summarise  # noqa: E402
+from rounds import attach_paired, paired_cell, paired_table, run_order, spread_cell, summarise  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results" / "vs_hf_trainer.md"
 
 
@@ -468,8 +468,8 @@ def ablation_table(w: Workload, rows: dict[str, dict]) -> list[str]:
             continue
         lines.append(
             f"| {switch} | {row['setting']} | {row['precision']} | {row['steps']:,} | "
-            f"{fmt(row['real_tokens_per_s'])} | "
-            f"{ratio(row['real_tokens_per_s'], base)} | {fmt(row['wall_s'], ',.1f')} s | "
+            f"{speed_cell(row)} | "
+            f"{paired_cell(row) or ratio(row['real_tokens_per_s'], base)} | {fmt(row['wall_s'], ',.1f')} s | "
             f"{human_bytes(row['peak_memory_bytes'])} | {eval_cell(row)} |"
         )
     return lines
@@ -558,7 +558,13 @@ def main(argv: list[str] | None = None) -> None:
     flops = model_flops_per_token(w, args)
     if args.ablation:
         switches = args.switches.split(",") if args.switches else applicable_switches(w)
-        rows = {s: spawn(args, f"tunelab:{s}") for s in switches}
+        rounds = []
+        for i in range(max(1, args.repeats)):
+            print(f"\n##### round {i + 1} of {args.repeats}", file=sys.stderr, flush=True)
+            ran = {s: spawn(args, f"tunelab:{s}") for s in run_order(switches, i)}
+            rounds.append({s: ran[s] for s in switches})
+        rows = summarise(rounds)
+        attach_paired(rows, rounds, "baseline")
         add_mfu(rows, flops)
         notes = list(ABLATION_NOTES)
         notes += [f"- {s}: {n}" for s, row in rows.items() for n in row.get("notes", [])]
@@ -584,14 +590,16 @@ def main(argv: list[str] | None = None) -> None:
         if len(rounds) > 1:  # the single-run ratio table gives way to ratios paired within each round
             cut = next((i for i, line in enumerate(table) if line.startswith("| tunelab ÷")), len(table))
             table = table[:max(0, cut - 1)] + ["", *paired_table(rounds, SETUPS)]
-            notes.insert(0, f"- {len(rounds)} rounds, each running every setup once in alternating order; a row is "
-                         "the setup's median-speed run; its tokens/s cell, the median (min-max) over rounds.")
+    if len(rounds) > 1:
+        notes.insert(0, f"- {len(rounds)} rounds, each running every row once in alternating order; a row is "
+                     "its median-speed run; its tokens/s cell, the median (min-max) over rounds, and a ratio, the "
+                     "median (min-max) of the ratios taken within each round.")
     record = {
         "workload": w.name, "machine": machine, "workload_line": workload_line(w, args, flops),
         "budget": {k: getattr(args, k) for k in ("train_samples", "eval_samples", "epochs", "max_steps", "batch_size",
                                                  "seed", "lora_rank", "lora_alpha", "lora_dropout")},
         "lora_targets": args.lora_targets, "workload_spec": asdict(w), "flops_per_token": flops, "rows": rows,
-        "rounds": rounds if not args.ablation else None,
+        "rounds": rounds,
     }
     write_results(args, title, table, notes, record)
 

@@ -70,6 +70,24 @@ def test_ablation_rows_compare_with_the_baseline():
     assert "— (capped)" in text  # a capped row's accuracy is not comparable and is not shown
 
 
+
+def test_ablation_rounds_give_paired_ratios_against_the_baseline():
+    """--ablation --repeats 3: each switch's 'vs baseline' is the median of ratios taken within a round."""
+    rounds_mod = _load("rounds")
+    base = {"setting": "tuned"}
+    rounds = [{"baseline": {**_row(100, 10, 2**30), **base}, "lora-dropout-0": {**_row(125, 8, 2**30), "setting": "d0"}},
+              {"baseline": {**_row(50, 20, 2**30), **base}, "lora-dropout-0": {**_row(55, 18, 2**30), "setting": "d0"}},
+              {"baseline": {**_row(110, 9, 2**30), **base}, "lora-dropout-0": {**_row(132, 8, 2**30), "setting": "d0"}}]
+    rows = rounds_mod.summarise(rounds)
+    rounds_mod.attach_paired(rows, rounds, "baseline")
+    text = "\n".join(vs.ablation_table(vs.WORKLOADS["alpaca"], rows))
+    # Paired: 1.25, 1.10, 1.20 -> 1.20x; unpaired medians would give 125/100 = 1.25x.
+    assert "| lora-dropout-0 | d0 | fp32 | 3 | 125 (55-132, 3 runs) | 1.20x (1.10-1.25x, 3 runs) |" in text
+    assert "| baseline | tuned | fp32 | 3 | 100 (50-110, 3 runs) | 1.00x (1.00-1.00x, 3 runs) |" in text
+    single = {"baseline": {**_row(100, 10, 2**30), **base}}
+    rounds_mod.attach_paired(single, [single], "baseline")  # one round: the plain ratio, no spread
+    assert "| 100 | 1.00x |" in "\n".join(vs.ablation_table(vs.WORKLOADS["alpaca"], single))
+
 @pytest.mark.slow
 def test_vs_hf_trainer_smoke_writes_the_table(tmp_path):
     """Every setup runs end to end on a tiny budget (minutes on 2 busy cores)."""
@@ -131,3 +149,38 @@ def test_cpu_step_costs_keeps_one_table_per_host_kind(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cpu_step_costs_native_bf16.json",
                                                           "cpu_step_costs_native_bf16.md"]
     assert "2.000x (1 run) vs fp32, all dropout 0" in (tmp_path / "cpu_step_costs_native_bf16.md").read_text()
+
+
+def test_train_pairs_refuses_a_malformed_variant_and_a_lone_one():
+    pairs = _load("train_pairs")
+    with pytest.raises(SystemExit):
+        pairs.parse_args(["x", "c.yaml", "--variant", "off="])  # nothing to compare with
+    with pytest.raises(SystemExit):
+        pairs.parse_args(["x", "c.yaml", "--variant", "off=", "--variant", "model.gradient_checkpointing"])
+    args = pairs.parse_args(["x", "c.yaml", "--variant", "off=", "--variant", "on=a.b=1 c=2"])
+    assert args.variants == {"off": [], "on": ["a.b=1", "c=2"]}
+
+
+def test_train_pairs_pairs_within_rounds_and_a_failure_is_a_row_and_exit_1(tmp_path, monkeypatch):
+    pairs = _load("train_pairs")
+    speeds = {("off", 0): 100, ("on", 0): 66, ("off", 1): 50, ("on", 1): 35, ("off", 2): 110, ("on", 2): 70}
+    order = []
+
+    def fake(args, label, i, work):
+        order.append((i, label))
+        return {"real_tokens_per_s": speeds[label, i], "wall_s": 1.0, "peak_memory_bytes": 2**30 * (1 if label == "on" else 2),
+                "estimated_peak_memory_bytes": None, "precision": "fp32", "steps": 4, "eval_loss": 1.96561,
+                "evidence": "x", "command": "c"}
+    monkeypatch.setattr(pairs, "run_variant", fake)
+    argv = ["ckpt", "c.yaml", "--variant", "off=", "--variant", "on=m.g=true", "--results", str(tmp_path)]
+    assert pairs.main(argv) == 0
+    assert order[:4] == [(0, "off"), (0, "on"), (1, "on"), (1, "off")]  # alternating order
+    text = (tmp_path / "train_pairs_ckpt.md").read_text()
+    # 0.66, 0.70, 0.636 paired -> 0.66x; the peak halves in every round.
+    assert "| on | fp32 | 66.0 (35.0-70.0, 3 runs) | 0.66x (0.64-0.70x, 3 runs) | 1.00 GiB | 0.50x (0.50-0.50x, 3 runs) |" in text
+    record = json.loads((tmp_path / "train_pairs_ckpt.json").read_text())
+    assert len(record["rounds"]) == 3 and record["variants"] == {"off": [], "on": ["m.g=true"]}
+    monkeypatch.setattr(pairs, "run_variant", lambda args, label, i, work: {"error": "exit status 2", "command": "c"}
+                        if label == "on" else fake(args, label, i, work))
+    assert pairs.main(argv) == 1
+    assert "| on | failed: exit status 2 in 3 of 3 rounds |" in (tmp_path / "train_pairs_ckpt.md").read_text()
