@@ -81,8 +81,9 @@ def attach_paired(rows: dict[str, dict], rounds: list[dict[str, dict]], baseline
     for name, row in rows.items():
         if "error" not in row:
             row["vs_baseline_runs"] = paired_ratios(rounds, name, baseline)
+            row["peak_vs_baseline_runs"] = paired_ratios(rounds, name, baseline, "peak_memory_bytes")
 
 
-def paired_cell(row: dict) -> str:
+def paired_cell(row: dict, key: str = "vs_baseline_runs") -> str:
     """'1.22x (1.18-1.25x, 3 runs)' where the row has paired ratios; '' where it was a single run."""
-    return spread_cell(row["vs_baseline_runs"]) if row.get("vs_baseline_runs") else ""
+    return spread_cell(row[key]) if row.get(key) else ""

@@ -470,9 +470,14 @@ def ablation_table(w: Workload, rows: dict[str, dict]) -> list[str]:
             f"| {switch} | {row['setting']} | {row['precision']} | {row['steps']:,} | "
             f"{speed_cell(row)} | "
             f"{paired_cell(row) or ratio(row['real_tokens_per_s'], base)} | {fmt(row['wall_s'], ',.1f')} s | "
-            f"{human_bytes(row['peak_memory_bytes'])} | {eval_cell(row)} |"
+            f"{human_bytes(row['peak_memory_bytes'])}{peak_note(row)} | {eval_cell(row)} |"
         )
     return lines
+
+
+def peak_note(row: dict) -> str:
+    cell = paired_cell(row, "peak_vs_baseline_runs")
+    return f"; {cell} of the baseline's, paired" if cell else ""
 
 
 SETUP_NOTES = [

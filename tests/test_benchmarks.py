@@ -84,6 +84,7 @@ def test_ablation_rounds_give_paired_ratios_against_the_baseline():
     # Paired: 1.25, 1.10, 1.20 -> 1.20x; unpaired medians would give 125/100 = 1.25x.
     assert "| lora-dropout-0 | d0 | fp32 | 3 | 125 (55-132, 3 runs) | 1.20x (1.10-1.25x, 3 runs) |" in text
     assert "| baseline | tuned | fp32 | 3 | 100 (50-110, 3 runs) | 1.00x (1.00-1.00x, 3 runs) |" in text
+    assert "| 1.00 GiB; 1.00x (1.00-1.00x, 3 runs) of the baseline's, paired |" in text
     single = {"baseline": {**_row(100, 10, 2**30), **base}}
     rounds_mod.attach_paired(single, [single], "baseline")  # one round: the plain ratio, no spread
     assert "| 100 | 1.00x |" in "\n".join(vs.ablation_table(vs.WORKLOADS["alpaca"], single))
