@@ -206,3 +206,30 @@ def test_resume_with_changed_data_exits_2_in_one_line(tmp_path, tiny_encoder, se
     errors = res.stderr.strip().splitlines()
     assert len(errors) == 1 and "changed since the run started" in errors[0] and "--allow-changed-data" in errors[0]
     assert run.status() == "interrupted"  # refused before the run was touched
+
+
+def test_a_failed_run_leaves_ctrl_c_working_even_when_the_handler_was_set_outside_python(monkeypatch):
+    """_record_failure ignores SIGINT while it writes the manifest; it must then put a handler back even when
+    signal.signal reported None (a handler installed by C code), or every process started later inherits an
+    ignored Ctrl-C (a child `tunelab train` then could not be interrupted)."""
+    from tunelab.train import run as run_mod
+
+    class FakeRun:
+        def fail(self, err):
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # ignored while the manifest is written
+
+    real_signal = signal.signal
+    calls = []
+
+    def signal_reporting_none_first(sig, handler):
+        previous = real_signal(sig, handler)
+        calls.append(handler)
+        return None if len(calls) == 1 else previous  # what Python says of a handler set outside Python
+
+    saved = signal.getsignal(signal.SIGINT)
+    try:
+        monkeypatch.setattr(run_mod.signal, "signal", signal_reporting_none_first)
+        run_mod._record_failure(FakeRun(), RuntimeError("x"))
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        real_signal(signal.SIGINT, saved)

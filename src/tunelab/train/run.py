@@ -163,12 +163,15 @@ def _record_failure(run: RunDir, err: BaseException) -> None:
     try:
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     except ValueError:  # not the main thread: signals cannot be set, nor delivered here
-        previous = None
+        previous, restore = None, False
+    else:
+        restore = True
     try:
         run.fail(err)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        if restore:  # None: the handler was set outside Python; Python's own Ctrl-C handler is the safe default
+            # Left at SIG_IGN, every process started after this one failed run would inherit an ignored Ctrl-C.
+            signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
 
 
 def _check_data(cfg: RunConfig, splits, console: Console) -> None:
