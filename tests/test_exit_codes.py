@@ -26,8 +26,11 @@ def tunelab(*args, cwd):
 
 def start(*args, cwd) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    # As at a terminal: a suite started in the background (`make test &`) runs with SIGINT ignored, and a child
+    # inherits that, so Ctrl-C would never reach the command under test.
     return subprocess.Popen([sys.executable, "-m", "tunelab", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for(condition, proc: subprocess.Popen, timeout: float = 300) -> None:
